@@ -126,6 +126,7 @@ class Catalog:
                 counts[g] += 1
         return {g: c / len(self) for g, c in counts.items()}
 
+    @cached_property
     def fairness_weights(self) -> np.ndarray:
         """``[n_items, n_fairness_genres]``: each item spreads a unit mass over its fairness genres.
 

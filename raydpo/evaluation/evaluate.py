@@ -142,12 +142,13 @@ def evaluate(
     topk_parts, rank_parts = [], []
     for start in range(0, len(texts), ROW_CHUNK):
         dist = torch.cdist(pred_emb[start : start + ROW_CHUNK], cat_emb, p=2)
-        topk_parts.append(rank_catalog(dist, ks[-1]))
-        rank_parts.append(target_ranks(dist, targets[start : start + ROW_CHUNK]))
+        top = rank_catalog(dist, ks[-1])
+        topk_parts.append(top)
+        rank_parts.append(target_ranks(top, targets[start : start + ROW_CHUNK]))
     topk = torch.cat(topk_parts)
     ranks = torch.cat(rank_parts)
 
-    weights = catalog.fairness_weights()
+    weights = catalog.fairness_weights
     gh_all = _history_mass_from_prompts(predictions.prompts, catalog, weights)
     valid_rows = (targets >= 0).numpy()
     hist = dataset.split(split).history_matrix() if check else None

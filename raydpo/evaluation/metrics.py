@@ -48,19 +48,35 @@ class Protocol:
         raise ValueError(f"unknown protocol {name!r}; expected 'reference' or 'valid_only'")
 
 
-def rank_catalog(dist: torch.Tensor, max_k: int) -> torch.Tensor:
-    """``[N, max_k]`` item ids nearest first; equal distances keep the lower id first."""
-    return torch.sort(dist, dim=1, stable=True).indices[:, :max_k]
+def rank_catalog(dist: torch.Tensor, max_k: int, slack: int = 8) -> torch.Tensor:
+    """``[N, max_k]`` item ids nearest first; equal distances keep the lower id first.
+
+    A partial ``topk`` of ``max_k + slack`` candidates, re-sorted by (distance, id), is exact
+    whenever the last candidate is strictly farther than the k-th; the rare rows with more ties
+    than the slack fall back to a full stable sort.
+    """
+    n_items = dist.shape[1]
+    width = min(n_items, max_k + slack)
+    vals, idx = torch.topk(dist, width, dim=1, largest=False, sorted=True)
+    # order candidates by id, then stably by distance: ties keep the lower id first
+    by_id = torch.sort(idx, dim=1).indices
+    idx, vals = idx.gather(1, by_id), vals.gather(1, by_id)
+    by_dist = torch.sort(vals, dim=1, stable=True).indices
+    top = idx.gather(1, by_dist)[:, :max_k]
+    if width < n_items:
+        kth = vals.gather(1, by_dist)[:, max_k - 1]
+        unsafe = vals.max(dim=1).values <= kth
+        if unsafe.any():
+            rows = unsafe.nonzero().squeeze(1)
+            top[rows] = torch.sort(dist[rows], dim=1, stable=True).indices[:, :max_k]
+    return top
 
 
-def target_ranks(dist: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each row's target in its stable ranking (-1 where the target is -1)."""
-    valid = targets >= 0
-    t = targets.clamp(min=0)
-    d_t = dist.gather(1, t[:, None])
-    ids = torch.arange(dist.shape[1], device=dist.device)[None, :]
-    ahead = (dist < d_t) | ((dist == d_t) & (ids < t[:, None]))
-    return torch.where(valid, ahead.sum(1), torch.full_like(t, -1))
+def target_ranks(topk: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based position of each row's target in its top list; -1 if absent (or the target is -1)."""
+    match = topk == targets[:, None]
+    found = match.any(dim=1) & (targets >= 0)
+    return torch.where(found, match.int().argmax(dim=1), torch.full_like(targets, -1))
 
 
 def compute_metrics(
@@ -77,7 +93,7 @@ def compute_metrics(
     """Metrics at every k from precomputed rankings.
 
     topk                ``[N, >=max(ks)]`` item ids per row, nearest first
-    ranks               ``[N]`` rank of the target (-1 for unknown targets)
+    ranks               ``[N]`` rank of the target within ``topk`` (-1: not in it, or unknown target)
     targets             ``[N]`` target ids (-1 = not in the catalog)
     genre_weights       ``[n_items, G]`` unit genre mass per item (zeros for no genre)
     history_genre_mass  ``[G]`` genre mass of the histories of all rows

@@ -1,0 +1,169 @@
+"""The ``raydpo`` command line.
+
+    raydpo demo                       run the embedded default end to end (synthetic data)
+    raydpo evaluate PRED --data DIR   metrics of a predictions file (published format)
+    raydpo data synth|convert|import-logs|stats
+
+Every command prints ``--help``. Bad input exits with status 2 and one line naming the file,
+the record and the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import RaydpoError
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_file, format_table, to_json
+
+    results = evaluate_file(args.predictions, args.data, ks=args.k, json_out=args.json, encoder=args.encoder,
+                            protocol=args.protocol, split=args.split, progress=not args.quiet)
+    print(format_table(results))
+    if args.json:
+        print(f"wrote {args.json}")
+    elif args.print_json:
+        print(json.dumps(to_json(results), indent=2))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import SyntheticConfig, generate
+
+    ds = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_genres=args.genres,
+                                  history_len=args.history_len, seed=args.seed))
+    ds.save(args.out)
+    print(f"wrote {args.out}: {len(ds.catalog)} items, {len(ds.samples)} samples")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+
+    ds = load_dataset(args.src)
+    ds.save(args.out)
+    counts = ds.samples.frame["split"].value_counts().to_dict()
+    print(f"wrote {args.out}: {len(ds.catalog)} items, samples {counts}")
+    return 0
+
+
+def _cmd_import_logs(args: argparse.Namespace) -> int:
+    from .data.interactions import read_interactions
+
+    ds = read_interactions(args.interactions, args.items, history_len=args.history_len,
+                           min_interactions=args.min_interactions, train_samples=args.train_samples)
+    ds.save(args.out)
+    counts = ds.samples.frame["split"].value_counts().to_dict()
+    print(f"wrote {args.out}: {len(ds.catalog)} items, samples {counts}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import numpy as np
+
+    from .data import load_dataset
+    from .data.stats import cluster_names, exposure, interest_clusters
+
+    ds = load_dataset(args.data)
+    counts = ds.samples.frame["split"].value_counts().to_dict()
+    print(f"{ds.name}: {len(ds.catalog)} items, {len(ds.catalog.genre_vocab)} genres, samples {counts}")
+    exp = exposure(ds.catalog, ds.samples, scope=args.scope, split=args.split)
+    top = np.argsort(-exp.counts, kind="stable")[:5]
+    print(f"exposure ({args.scope}): {int((exp.counts > 0).sum())} items seen; top: "
+          + ", ".join(f"{ds.catalog.titles[i]!r} x{int(exp.counts[i])}" for i in top))
+    s = ds.split(args.split)
+    clusters = cluster_names(ds.catalog, interest_clusters(ds.catalog, s, k=args.cluster_k,
+                                                           ignore_genres_above=args.ignore_genres_above))
+    common = Counter(tuple(sorted(c)) for c in clusters).most_common(3)
+    print(f"interest clusters (top-{args.cluster_k}, {args.split}): most common " +
+          "; ".join(f"{list(c)} x{n}" for c, n in common))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), n_users=args.users, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("evaluate", help="evaluate a predictions file (published format)",
+                       description="Evaluate a JSON list of {prompt, prediction, ground_truth} against a dataset "
+                                   "split with the published protocol (SBERT L2 grounding).")
+    e.add_argument("predictions", help="predictions JSON file")
+    e.add_argument("--data", required=True, help="dataset folder (raydpo format or SPRec format)")
+    e.add_argument("--k", type=int, nargs="+", default=[5, 10], help="cut-offs (default: 5 10)")
+    e.add_argument("--json", help="write metrics as JSON keyed by k to this file")
+    e.add_argument("--print-json", action="store_true", help="print the JSON to stdout")
+    e.add_argument("--encoder", default="minilm-onnx",
+                   help="minilm-onnx (offline default), st:NAME_OR_PATH, or a .onnx file")
+    e.add_argument("--protocol", default="reference", choices=["reference", "valid_only"],
+                   help="reference: denominators are all rows (published); valid_only: rows with a catalog target")
+    e.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_evaluate)
+
+    d = sub.add_parser("data", help="create, convert and inspect datasets").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = d.add_parser("synth", help="write a deterministic synthetic dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=2000)
+    s.add_argument("--items", type=int, default=500)
+    s.add_argument("--genres", type=int, default=8)
+    s.add_argument("--history-len", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_synth)
+    c = d.add_parser("convert", help="convert a SPRec-format folder into raydpo's format")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.set_defaults(func=_cmd_convert)
+    il = d.add_parser("import-logs", help="build leave-last-out samples from (user_id, item_id, timestamp) logs")
+    il.add_argument("--interactions", required=True, help="CSV or Parquet with user_id, item_id, timestamp")
+    il.add_argument("--items", required=True, help="CSV or Parquet with item_id, title, genres")
+    il.add_argument("--out", required=True)
+    il.add_argument("--history-len", type=int, default=10)
+    il.add_argument("--min-interactions", type=int, default=3)
+    il.add_argument("--train-samples", choices=["all", "last"], default="all")
+    il.set_defaults(func=_cmd_import_logs)
+    st = d.add_parser("stats", help="exposure and interest-cluster summary of a dataset")
+    st.add_argument("data")
+    st.add_argument("--scope", choices=["split_histories", "train_interactions"], default="split_histories")
+    st.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    st.add_argument("--cluster-k", type=int, default=3)
+    st.add_argument("--ignore-genres-above", type=float, default=None,
+                    help="leave out genres carried by more than this share of items (e.g. 0.9)")
+    st.set_defaults(func=_cmd_stats)
+
+    demo = sub.add_parser("demo", help="the embedded default: synthetic data, baseline predictions, evaluation")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--users", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RaydpoError as e:
+        print(f"raydpo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
