@@ -29,3 +29,39 @@ def user_message(history_titles: Sequence[str], instruction: str | None = None) 
 def response_text(title: str) -> str:
     """The assistant turn for an item: its title in double quotes (EOS is added by the tokenizer side)."""
     return f'"{title}"'
+
+
+# --- rendering for a tokenizer -------------------------------------------------------------------
+
+FALLBACK_ASSISTANT_TAG = "\nAnswer: "
+
+
+def chat_messages(history_titles: Sequence[str], instruction: str | None = None) -> list[dict]:
+    return [{"role": "user", "content": user_message(history_titles, instruction)}]
+
+
+def render_prompt(tokenizer, history_titles: Sequence[str], instruction: str | None = None) -> str:
+    """The full prompt string: the model's chat template (with the assistant turn opened) when it
+    has one, else the plain user message followed by ``Answer: ``."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(chat_messages(history_titles, instruction), tokenize=False,
+                                             add_generation_prompt=True)
+    return user_message(history_titles, instruction) + FALLBACK_ASSISTANT_TAG
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt token ids (the template already holds any BOS/special tokens)."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, title: str) -> list[int]:
+    """Response token ids: the quoted title, tokenised on its own, then the real EOS id.
+
+    Every stage tokenises prompt and response separately and concatenates the ids, so a title
+    has the same tokens in SFT, in the candidate trie, in DPO and at prediction time.
+    """
+    if tokenizer.eos_token_id is None:
+        from .errors import RaydpoError
+
+        raise RaydpoError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
+    return tokenizer(response_text(title), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
