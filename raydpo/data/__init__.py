@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .schema import SPLITS, UNKNOWN_ITEM, Catalog, Dataset, Samples
+from .interactions import read_interactions
 from .sprec import is_sprec_folder, read_sprec
 
 
@@ -23,4 +24,4 @@ def load_dataset(path: str | Path) -> Dataset:
                     "(SPRec format)", path=p)
 
 
-__all__ = ["SPLITS", "UNKNOWN_ITEM", "Catalog", "Dataset", "DataError", "Samples", "load_dataset", "read_sprec"]
+__all__ = ["SPLITS", "UNKNOWN_ITEM", "Catalog", "Dataset", "DataError", "Samples", "load_dataset", "read_interactions", "read_sprec"]
