@@ -1,0 +1,257 @@
+"""Trie-constrained decoding: beam search, diverse (group) beam search, sampling, greedy.
+
+``beam_search`` is our own vectorised loop. With one group it follows transformers 5's beam
+search step for step (same top-2k continuations, same finished-beam bookkeeping, same length
+penalty and early-stopping heuristic), so it returns exactly the beams of
+``generate(num_beams=..., prefix_allowed_tokens_fn=...)``; the test suite checks this. With G
+groups it is diverse beam search (Vijayakumar et al.): the beams are split into G groups that
+advance one after another at each step, and a token already chosen at this step by an earlier
+group is penalised by ``diversity_penalty`` per use (the Hamming penalty), which transformers 5
+no longer ships. Final hypotheses of all groups are ranked together by score.
+
+The constraint is the compiled :class:`~raydpo.generation.trie.TitleTrie`: each beam carries a
+trie state, the allowed-token mask of all beams comes from a few batched tensor operations per
+step, and per-row exclusions (history items, the ground truth) are part of the mask.
+
+``TrieLogitsProcessor`` applies the same constraint inside ``model.generate`` (used for
+sampling); it recovers each row's state from its parent row of the previous step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from .beam_cache import BeamCache
+from .trie import OFF, TitleTrie
+
+NEG = -1.0e9
+
+
+@dataclass
+class BeamOutput:
+    sequences: torch.Tensor  # [B, n, L] generated tokens (pad after EOS)
+    scores: torch.Tensor  # [B, n] length-normalised beam scores (sum logprob / len**lp)
+    logprobs: torch.Tensor  # [B, n] summed token log-probabilities under the model (no penalties)
+    items: torch.Tensor  # [B, n] item ids (-1 if unconstrained or unfinished)
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: TitleTrie | None,
+    num_beams: int,
+    num_return_sequences: int,
+    num_groups: int = 1,
+    diversity_penalty: float = 0.0,
+    length_penalty: float = 1.0,
+    max_new_tokens: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    exclusions: Sequence[Sequence[int]] | None = None,
+    shared_prefill: bool = True,
+) -> BeamOutput:
+    """Constrained (group) beam search over a left-padded batch of prompts.
+
+    ``shared_prefill`` runs the prompt once per prompt instead of once per beam (as
+    transformers does) and decodes with a :class:`BeamCache` (in-place writes, the prompt is
+    never copied again): ``num_beams`` times less prompt work and no per-step cache copies.
+    """
+    if num_beams % num_groups:
+        raise ValueError(f"num_beams ({num_beams}) must be divisible by num_groups ({num_groups})")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences ({num_return_sequences}) > num_beams ({num_beams})")
+    eos = eos_token_id if eos_token_id is not None else (trie.eos_token_id if trie else None)
+    if eos is None:
+        raise ValueError("beam search needs an EOS token id")
+    pad = pad_token_id if pad_token_id is not None else eos
+    if max_new_tokens is None:
+        if trie is None:
+            raise ValueError("max_new_tokens is required without a trie")
+        max_new_tokens = trie.max_depth
+    dev = input_ids.device
+    b, nb, g = input_ids.shape[0], num_beams, num_groups
+    gs = nb // g
+    keep = 2 * gs  # HF: max(2, 1 + n_eos) * beams per group
+
+    ids = input_ids.repeat_interleave(nb, dim=0)
+    mask = attention_mask.repeat_interleave(nb, dim=0)
+    pos = _positions(mask)
+    rows = torch.arange(b, device=dev).repeat_interleave(nb)  # prompt of each flat beam
+    ex = trie.exclusion_index(exclusions) if (trie is not None and exclusions is not None) else None
+
+    run_seq = torch.full((b, nb, max_new_tokens), pad, dtype=torch.long, device=dev)
+    run_score = torch.zeros((b, nb), device=dev)
+    run_score.view(b, g, gs)[:, :, 1:] = NEG
+    run_raw = torch.zeros((b, nb), device=dev)  # true summed log-probs (no penalties)
+    run_state = torch.zeros((b, nb), dtype=torch.long, device=dev)
+    fin_seq = run_seq.clone().view(b, g, gs, max_new_tokens)
+    fin_score = torch.full((b, g, gs), NEG, device=dev)
+    fin_raw = torch.zeros((b, g, gs), device=dev)
+    fin_valid = torch.zeros((b, g, gs), dtype=torch.bool, device=dev)
+    fin_done = torch.zeros((b, g, gs), dtype=torch.bool, device=dev)
+    unsatisfied = torch.ones((b, g), dtype=torch.bool, device=dev)
+    top_mask = torch.cat([torch.ones(gs, dtype=torch.bool), torch.zeros(keep - gs, dtype=torch.bool)]).to(dev)
+    gofs = (torch.arange(g, device=dev) * gs).view(1, g, 1)
+
+    if shared_prefill:
+        # one forward pass per prompt, then the cache and logits are copied to every beam
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                    use_cache=True, logits_to_keep=1)
+        cache = BeamCache(out.cache, nb, max_new_tokens)
+        out.logits = out.logits.repeat_interleave(nb, dim=0)
+    else:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        vocab = logits.shape[-1]
+        logp = torch.log_softmax(logits, dim=-1)
+        if trie is not None:
+            allowed = trie.allowed_mask(run_state.view(-1), vocab, rows=rows, exclusions=ex, done_token_id=eos)
+            logp = logp.masked_fill(~allowed, float("-inf"))
+        logp = logp.view(b, g, gs, vocab)
+        hits_all = []
+        new_tok = torch.empty((b, g, gs), dtype=torch.long, device=dev)
+        new_src = torch.empty((b, g, gs), dtype=torch.long, device=dev)
+        new_score = torch.empty((b, g, gs), device=dev)
+        new_raw = torch.empty((b, g, gs), device=dev)
+        used = torch.zeros((b, vocab), device=dev)
+        for gi in range(g):
+            lp = logp[:, gi]
+            if gi and diversity_penalty:
+                lp = lp - diversity_penalty * used[:, None, :]
+            acc = (lp + run_score.view(b, g, gs)[:, gi, :, None]).reshape(b, gs * vocab)
+            top_lp, top_idx = torch.topk(acc, keep)
+            src, tok = top_idx // vocab, top_idx % vocab
+            raw = (logp[:, gi] + run_raw.view(b, g, gs)[:, gi, :, None]).reshape(b, gs * vocab).gather(1, top_idx)
+            hits = (tok == eos) | (t + 1 >= max_new_tokens)
+            hits_all.append(hits)
+            # running beams for the next step: the best non-finished continuations
+            nxt = torch.topk(top_lp + hits.float() * NEG, gs).indices
+            new_tok[:, gi] = tok.gather(1, nxt)
+            new_src[:, gi] = src.gather(1, nxt)
+            new_score[:, gi] = (top_lp + hits.float() * NEG).gather(1, nxt)
+            new_raw[:, gi] = raw.gather(1, nxt)
+            used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
+            # finished hypotheses: merge the newly finished top-gs candidates
+            just = hits & top_mask[None, :]
+            cand = top_lp / ((t + 1) ** length_penalty)
+            cand = cand + (~unsatisfied[:, gi, None]).float() * NEG + (~just).float() * NEG
+            cand_seq = run_seq.view(b, g, gs, -1)[:, gi].gather(
+                1, src[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+            cand_seq[:, :, t] = tok
+            m_score = torch.cat([fin_score[:, gi], cand], 1)
+            m_seq = torch.cat([fin_seq[:, gi], cand_seq], 1)
+            m_raw = torch.cat([fin_raw[:, gi], raw], 1)
+            # a candidate that extends a finished beam kept running for lack of valid ones
+            # carries the -1e9 offset: it is bookkept like transformers does but never returned
+            m_valid = torch.cat([fin_valid[:, gi], top_lp > NEG / 2], 1)
+            m_done = torch.cat([fin_done[:, gi], just], 1)
+            best = torch.topk(m_score, gs).indices
+            fin_score[:, gi] = m_score.gather(1, best)
+            fin_seq[:, gi] = m_seq.gather(1, best[:, :, None].expand(-1, -1, max_new_tokens))
+            fin_raw[:, gi] = m_raw.gather(1, best)
+            fin_valid[:, gi] = m_valid.gather(1, best)
+            fin_done[:, gi] = m_done.gather(1, best)
+        # reorder beams: global source index of each new running beam
+        src_flat = (new_src + gofs).view(b, nb)
+        beam_idx = (src_flat + torch.arange(b, device=dev)[:, None] * nb).view(-1)
+        run_seq = run_seq.gather(1, src_flat[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+        tok_flat = new_tok.view(b, nb)
+        run_seq[:, :, t] = tok_flat
+        run_score = new_score.view(b, nb)
+        run_raw = new_raw.view(b, nb)
+        if trie is not None:
+            run_state = trie.step(run_state.gather(1, src_flat).view(-1), tok_flat.view(-1)).view(b, nb)
+        cur = t + 1
+        best_run = run_score.view(b, g, gs)[:, :, :1] / (cur ** length_penalty)
+        worst = torch.where(fin_done, fin_score.min(dim=2, keepdim=True).values, torch.full_like(fin_score, NEG))
+        unsatisfied = unsatisfied & (best_run > worst).any(dim=2)
+        all_hit = torch.stack(hits_all, 1).all()
+        if not bool(unsatisfied.any()) or bool(all_hit) or cur >= max_new_tokens:
+            break
+        cache.reorder_cache(beam_idx)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok_flat.view(-1, 1), attention_mask=mask, position_ids=pos,
+                    cache=cache, use_cache=True)
+
+    score = fin_score.view(b, nb)
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
+    seqs = fin_seq.view(b, nb, max_new_tokens).gather(1, order[:, :, None].expand(-1, -1, max_new_tokens))
+    seqs = _pad_after_eos(seqs, eos, pad)
+    items = _items(trie, seqs) if trie is not None else torch.full(order.shape, -1, dtype=torch.long)
+    valid = fin_valid.view(b, nb).gather(1, order) & fin_done.view(b, nb).gather(1, order)
+    items = torch.where(valid, items, torch.full_like(items, -1))
+    return BeamOutput(seqs, score.gather(1, order), fin_raw.view(b, nb).gather(1, order), items)
+
+
+def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:
+    after = (seqs == eos).long().cumsum(-1) - (seqs == eos).long()
+    return seqs.masked_fill(after > 0, pad)
+
+
+def _items(trie: TitleTrie, seqs: torch.Tensor) -> torch.Tensor:
+    b, n, length = seqs.shape
+    state = trie.root_states(b * n)
+    flat = seqs.reshape(b * n, length)
+    done = torch.zeros(b * n, dtype=torch.bool, device=seqs.device)
+    for t in range(length):
+        nxt = trie.step(state, flat[:, t])
+        state = torch.where(done, state, nxt)
+        done |= (flat[:, t] == trie.eos_token_id) | (state == OFF)
+    leaf = trie.leaf_item[state.clamp(min=0)]
+    return torch.where(state >= 0, leaf, torch.full_like(leaf, -1)).view(b, n)
+
+
+class TrieLogitsProcessor(LogitsProcessor):
+    """The trie constraint inside ``model.generate`` (sampling, greedy, or HF beam search).
+
+    Rows are ``prompt * rows_per_prompt + r``. A row's state follows from its parent: the row of
+    the previous step (same prompt) whose tokens equal this row's tokens minus the last one.
+    """
+
+    def __init__(self, trie: TitleTrie, batch_size: int, exclusions: Sequence[Sequence[int]] | None = None,
+                 done_token_id: int | None = None) -> None:
+        self.trie = trie
+        self.batch_size = batch_size
+        self.ex = trie.exclusion_index(exclusions) if exclusions is not None else None
+        self.done = done_token_id if done_token_id is not None else trie.eos_token_id
+        self.prompt_len: int | None = None
+        self.prev: torch.Tensor | None = None
+        self.states: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        n_rows = input_ids.shape[0]
+        per = n_rows // self.batch_size
+        rows = torch.arange(self.batch_size, device=input_ids.device).repeat_interleave(per)
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]
+            states = self.trie.root_states(n_rows).to(input_ids.device)
+        else:
+            gen = input_ids[:, self.prompt_len:]
+            length = gen.shape[1] - 1
+            if length == 0:
+                parent = torch.arange(n_rows, device=input_ids.device)
+            else:
+                cur = gen[:, :-1].reshape(self.batch_size, per, 1, length)
+                prev = self.prev.reshape(self.batch_size, 1, per, length)
+                local = (cur == prev).all(-1).int().argmax(-1)  # [B, per]
+                parent = (local + torch.arange(self.batch_size, device=input_ids.device)[:, None] * per).view(-1)
+            states = self.trie.step(self.states[parent], gen[:, -1])
+        self.prev = input_ids[:, self.prompt_len:].clone()
+        self.states = states
+        allowed = self.trie.allowed_mask(states, scores.shape[1], rows=rows, exclusions=self.ex,
+                                         done_token_id=self.done)
+        return scores.masked_fill(~allowed, float("-inf"))
