@@ -40,13 +40,18 @@ def chat_messages(history_titles: Sequence[str], instruction: str | None = None)
     return [{"role": "user", "content": user_message(history_titles, instruction)}]
 
 
-def render_prompt(tokenizer, history_titles: Sequence[str], instruction: str | None = None) -> str:
-    """The full prompt string: the model's chat template (with the assistant turn opened) when it
-    has one, else the plain user message followed by ``Answer: ``."""
+def render_user_message(tokenizer, message: str) -> str:
+    """A user message as a full prompt string: the model's chat template (with the assistant turn
+    opened) when it has one, else the message followed by ``Answer: ``."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(chat_messages(history_titles, instruction), tokenize=False,
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
                                              add_generation_prompt=True)
-    return user_message(history_titles, instruction) + FALLBACK_ASSISTANT_TAG
+    return message + FALLBACK_ASSISTANT_TAG
+
+
+def render_prompt(tokenizer, history_titles: Sequence[str], instruction: str | None = None) -> str:
+    """The full prompt string for a history (see :func:`render_user_message`)."""
+    return render_user_message(tokenizer, user_message(history_titles, instruction))
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
