@@ -3,6 +3,8 @@
     raydpo demo                       run the embedded default end to end (synthetic data)
     raydpo evaluate PRED --data DIR   metrics of a predictions file (published format)
     raydpo data synth|convert|import-logs|stats
+    raydpo generate --data DIR --out DIR   self-play candidates (constrained beam search, Ray Data)
+    raydpo predict --data DIR --out DIR    test predictions in the published format
 
 Every command prints ``--help``. Bad input exits with status 2 and one line naming the file,
 the record and the field.
@@ -145,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--ignore-genres-above", type=float, default=None,
                     help="leave out genres carried by more than this share of items (e.g. 0.9)")
     st.set_defaults(func=_cmd_stats)
+
+    from .generation.cli import add_generation_parsers
+
+    add_generation_parsers(sub)
 
     demo = sub.add_parser("demo", help="the embedded default: synthetic data, baseline predictions, evaluation")
     demo.add_argument("--out", default="runs/demo")

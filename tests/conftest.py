@@ -37,3 +37,33 @@ def _cache_dir(tmp_path_factory):
     # keep the user's cache out of tests, but share one cache across the session
     os.environ.setdefault("RAYDPO_CACHE_DIR", str(tmp_path_factory.mktemp("raydpo-cache")))
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance per test session (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory):
+    """A small synthetic dataset saved to disk (300 users, 150 items)."""
+    from raydpo.data.synthetic import SyntheticConfig, generate
+
+    ds = generate(SyntheticConfig(n_users=300, n_items=150, seed=3))
+    path = tmp_path_factory.mktemp("synthetic") / "data"
+    ds.save(path)
+    return ds, path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synthetic_small):
+    from raydpo.models import load_model
+
+    ds, _ = synthetic_small
+    model, tok = load_model("tiny", catalog=ds.catalog)
+    return model, tok

@@ -11,6 +11,7 @@ top constrained beam.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -98,11 +99,17 @@ class CandidateGenerator:
     def prompts(self, frame: pd.DataFrame) -> list[str]:
         return [render_prompt(self.tokenizer, list(h), self.instruction) for h in frame["history_titles"]]
 
-    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, prompts: list[str], sample_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         from ..models import check_prompt_lengths
 
         max_new = self.config.max_new_tokens or (self.trie.max_depth if self.trie is not None else 50)
-        check_prompt_lengths(self.tokenizer, self.model, prompts, max_new)
+        try:
+            check_prompt_lengths(self.tokenizer, self.model, prompts, max_new)
+        except RaydpoError as e:
+            m = re.match(r"prompt (\d+) ", str(e))
+            if m and sample_ids is not None:
+                raise RaydpoError(f"sample {list(sample_ids)[int(m.group(1))]!r}: {e}") from None
+            raise
         ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -138,7 +145,7 @@ class CandidateGenerator:
         for start in range(0, len(frame), c.batch_size):
             part = frame.iloc[start : start + c.batch_size]
             prompts = self.prompts(part)
-            ids, mask = self._encode(prompts)
+            ids, mask = self._encode(prompts, part["sample_id"])
             ex = self._exclusions(part)
             if c.mode in ("beam", "diverse_beam"):
                 out = beam_search(self.model, ids, mask, self.trie, c.num_beams, c.num_return_sequences,
@@ -220,7 +227,7 @@ class CandidateGenerator:
         for start in range(0, len(frame), c.batch_size):
             part = frame.iloc[start : start + c.batch_size]
             prompts = self.prompts(part)
-            ids, mask = self._encode(prompts)
+            ids, mask = self._encode(prompts, part["sample_id"])
             if self.trie is None:
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                                           max_new_tokens=c.max_new_tokens or 50,

@@ -76,7 +76,7 @@ class ShardWorker:
     """A Ray Data actor: one model, many shards."""
 
     def __init__(self, task: Task, data_dir: str, splits: list[str], limit: int | None, shard_size: int,
-                 out_dir: str, model: dict, decode: dict) -> None:
+                 out_dir: str, model: dict, decode: dict, fail_shards: Sequence[int] = ()) -> None:
         import torch
 
         from ..models import load_model
@@ -86,6 +86,7 @@ class ShardWorker:
         ds = load_dataset(data_dir)
         self.frame = select_samples(data_dir, splits, limit)
         self.task, self.shard_size, self.out = task, shard_size, Path(out_dir)
+        self.fail_shards = set(fail_shards)  # fault injection for tests
         spec = ModelSpec(**model)
         m, tok = load_model(spec.name_or_path, adapter=spec.adapter, dtype=spec.dtype, device=spec.device,
                             catalog=ds.catalog)
@@ -95,6 +96,8 @@ class ShardWorker:
         done = {"shard": [], "rows": [], "seconds": [], "candidates": []}
         for shard in batch["shard"]:
             shard = int(shard)
+            if shard in self.fail_shards:
+                raise RuntimeError(f"injected fault in shard {shard}")
             t0 = time.perf_counter()
             part = self.frame.iloc[shard * self.shard_size : (shard + 1) * self.shard_size]
             if self.task == "candidates":
@@ -140,8 +143,12 @@ def run_sharded(
     limit: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    fail_shards: Sequence[int] = (),
 ) -> dict:
-    """Decode every selected sample on an actor pool; returns the run summary."""
+    """Decode every selected sample on an actor pool; returns the run summary.
+
+    ``fail_shards`` makes the workers raise on those shards (a fault-injection hook for tests).
+    """
     import ray
     from tqdm.auto import tqdm
 
@@ -186,7 +193,7 @@ def run_sharded(
             num_gpus=resources.num_gpus_per_actor or None,
             fn_constructor_kwargs=dict(task=task, data_dir=str(data_dir), splits=list(splits), limit=limit,
                                        shard_size=resources.shard_size, out_dir=str(out), model=asdict(model),
-                                       decode=decode.to_dict()),
+                                       decode=decode.to_dict(), fail_shards=list(fail_shards)),
         )
         bar = tqdm(total=todo, desc=task, unit="row", disable=not progress)
         for row in ds.iter_rows():

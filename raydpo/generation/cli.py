@@ -1,0 +1,82 @@
+"""``raydpo generate`` and ``raydpo predict``."""
+
+from __future__ import annotations
+
+import argparse
+
+from .candidates import DecodeConfig
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset folder (raydpo or SPRec format)")
+    p.add_argument("--out", required=True, help="output folder (resumable: finished shards are reused)")
+    p.add_argument("--model", default="tiny", help="tiny | smollm2-135m | hub id | local folder (default: tiny)")
+    p.add_argument("--adapter", help="LoRA adapter folder")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--actors", type=int, default=1, help="Ray Data actors, one model each (default 1)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0)
+    p.add_argument("--cpus-per-actor", type=float, default=None,
+                   help="default: 1 with GPUs, else a fraction that leaves room for Ray Data's own tasks")
+    p.add_argument("--shard-size", type=int, default=256, help="rows per shard (the unit of resume)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
+    p.add_argument("--limit", type=int, help="only the first N selected samples")
+    p.add_argument("--overwrite", action="store_true", help="discard a previous run with another configuration")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def _run(task: str, args: argparse.Namespace, decode: DecodeConfig, splits: list[str]) -> int:
+    from .distributed import ModelSpec, Resources, run_sharded
+
+    run_sharded(task, args.data, args.out, ModelSpec(args.model, args.adapter, args.dtype), decode, splits,
+                Resources(args.actors, args.gpus_per_actor, args.cpus_per_actor, args.shard_size),
+                limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    decode = DecodeConfig(mode=args.mode, num_return_sequences=args.n, num_beams=args.beams,
+                          num_beam_groups=args.groups, diversity_penalty=args.diversity_penalty,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          exclude_history=not args.keep_history, exclude_target=not args.keep_target,
+                          batch_size=args.batch_size, seed=args.seed, reference_logprobs=args.reference_logprobs)
+    return _run("candidates", args, decode, args.splits)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    decode = DecodeConfig(mode="greedy" if not args.constrained else "beam", num_return_sequences=1,
+                          num_beams=args.beams if args.constrained else 1, constrained=args.constrained,
+                          exclude_history=False, exclude_target=False, batch_size=args.batch_size,
+                          max_new_tokens=args.max_new_tokens)
+    return _run("predictions", args, decode, [args.split])
+
+
+def add_generation_parsers(sub) -> None:
+    g = sub.add_parser("generate", help="self-play candidates: trie-constrained (diverse) beam search on Ray Data",
+                       description="Generate candidate items for each sample with the model's own decoding, "
+                                   "constrained to catalog titles. Writes OUT/candidates.parquet.")
+    _model_args(g)
+    g.add_argument("--splits", nargs="+", default=["train", "valid"])
+    g.add_argument("--mode", default="diverse_beam", choices=["diverse_beam", "beam", "sample"])
+    g.add_argument("--n", type=int, default=10, help="candidates per sample (num_return_sequences)")
+    g.add_argument("--beams", type=int, help="default: 2n (diverse_beam) or n (beam)")
+    g.add_argument("--groups", type=int, help="beam groups (default: n for diverse_beam)")
+    g.add_argument("--diversity-penalty", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--keep-history", action="store_true", help="do not exclude history items inside the constraint")
+    g.add_argument("--keep-target", action="store_true", help="do not exclude the ground truth inside the constraint")
+    g.add_argument("--reference-logprobs", action="store_true",
+                   help="also store each candidate's log-prob under the model by teacher forcing")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("predict", help="test predictions in the published format (greedy or constrained)",
+                       description="Write OUT/predictions.json ({prompt, prediction, ground_truth}) for "
+                                   "`raydpo evaluate`.")
+    _model_args(p)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--constrained", action="store_true", help="top trie-constrained beam instead of free greedy")
+    p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 50 (free) or the trie depth")
+    p.set_defaults(func=_cmd_predict)
