@@ -65,6 +65,13 @@ def _cmd_import_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from .data.fetch import fetch
+
+    fetch(args.name, args.out, base_url=args.base_url)
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -139,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("--min-interactions", type=int, default=3)
     il.add_argument("--train-samples", choices=["all", "last"], default="all")
     il.set_defaults(func=_cmd_import_logs)
+    f = d.add_parser("fetch", help="download a public dataset (goodreads: the SPRec / ClusterExposure-DPO sample)")
+    f.add_argument("name", choices=["goodreads"])
+    f.add_argument("--out", default="data/goodreads")
+    f.add_argument("--base-url", help="fetch every file from BASE/<file> (a mirror) instead of GitHub")
+    f.set_defaults(func=_cmd_fetch)
     st = d.add_parser("stats", help="exposure and interest-cluster summary of a dataset")
     st.add_argument("data")
     st.add_argument("--scope", choices=["split_histories", "train_interactions"], default="split_histories")
