@@ -1,0 +1,1 @@
+"""Ray Tune + Optuna multi-objective search over pipeline configs, and its Pareto front."""
