@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .errors import RaydpoError
 from .evaluation.encoders import cache_dir
-from .io import atomic_path
+from .io import atomic_path, file_lock
 from .prompt import (
     DEFAULT_INSTRUCTION,
     HISTORY_LEAD,
@@ -95,24 +95,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def models_dir() -> Path:
     return cache_dir() / "models"
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (POSIX ``flock``; a no-op where unavailable), so that
-    concurrent workers build a cached model once instead of racing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _is_built(folder: Path) -> bool:
@@ -402,7 +384,7 @@ def build_tiny_model(catalog: "Catalog", out_dir: str | os.PathLike | None = Non
     target = Path(out_dir) if out_dir is not None else models_dir() / f"tiny-{key}"
     if _is_built(target) and _marker_key(target) == key:
         return target
-    with _file_lock(target.with_name(f".{target.name}.lock")):
+    with file_lock(target.with_name(f".{target.name}.lock")):
         if _is_built(target) and _marker_key(target) == key:
             return target
         _build_tiny(titles, spec, seed, key, target)
@@ -489,7 +471,7 @@ def smollm2_135m_path() -> Path:
     if _is_built(target):
         return target
     gguf = smollm2_gguf_path()
-    with _file_lock(target.with_name(f".{target.name}.lock")):
+    with file_lock(target.with_name(f".{target.name}.lock")):
         if _is_built(target):
             return target
         model, tokenizer = load_smollm2_gguf()

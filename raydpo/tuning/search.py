@@ -1,0 +1,331 @@
+"""``raydpo tune SEARCH_SPACE.yaml``: a multi-objective Ray Tune + Optuna search over pipelines.
+
+A search space file::
+
+    base: configs/quickstart.yaml        # the pipeline config every trial starts from (or `config:` inline)
+    objectives: {NDCG@10: max, ORRatio@10: min}
+    split: valid                         # trials are ranked on the validation split
+    num_samples: 8
+    max_concurrent: 1
+    resources_per_trial: {cpu: 1, gpu: 0}
+    max_failures: 1                      # retries of a failed trial
+    sampler: tpe                         # tpe | nsga2 | random
+    seed: 0
+    space:                               # any config field by its dotted path
+      sampling.strategy: {choice: [clusterout_low, clusterin_high, selfplay, random]}
+      alignment.beta: {loguniform: [0.05, 0.5]}
+      alignment.epochs: {choice: [1, 2]}
+      generation.temperature: {uniform: [0.5, 1.5]}
+      sft.lora.r: {int: [4, 32]}
+
+Trials share the upstream stages through the pipeline cache (one SFT model, one candidate set
+per generation setting) and each runs sampling, alignment (a Ray Train run), prediction and
+evaluation. The Optuna study is persisted as a journal file (``optuna-dashboard study.journal``
+opens it), the Tune experiment can be resumed with ``--resume``, and the result is written as
+``trials.csv`` (every trial's parameters, metrics, status and error), ``pareto.csv``,
+``pareto.md`` and ``pareto.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..config import ConfigError, PipelineConfig, check_field_path, load_config, with_overrides
+from ..errors import RaydpoError
+from ..io import write_json, write_text
+from .pareto import pareto_front, plot_front
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
+
+
+class SearchSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    base: str | None = None
+    config: dict[str, Any] | None = None
+    objectives: dict[str, str] = {"NDCG@10": "max", "ORRatio@10": "min"}
+    split: str = "valid"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(1, ge=1)
+    resources_per_trial: dict[str, float] = {"cpu": 1, "gpu": 0}
+    max_failures: int = Field(1, ge=0)
+    sampler: str = "tpe"  # tpe | nsga2 | random | grid (every combination of choices once)
+    seed: int = 0
+    space: dict[str, dict[str, Any]]
+
+    @field_validator("objectives")
+    @classmethod
+    def _modes(cls, v):
+        for k, m in v.items():
+            if m not in ("max", "min"):
+                raise ValueError(f"objective {k}: mode must be 'max' or 'min', got {m!r}")
+        if not v:
+            raise ValueError("at least one objective is required")
+        return v
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v):
+        if v not in ("tpe", "nsga2", "random", "grid"):
+            raise ValueError(f"sampler must be tpe, nsga2, random or grid, got {v!r}")
+        return v
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v):
+        if v not in ("valid", "test"):
+            raise ValueError("split must be 'valid' or 'test'")
+        return v
+
+
+def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
+    """Parse and validate a search space and its base config; errors name the key path."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{p}: search space not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{p}: {'.'.join(map(str, x['loc']))}: {'unknown field' if x['type'] == 'extra_forbidden' else x['msg']}"
+                 for x in e.errors()]
+        raise ConfigError("\n".join(lines)) from None
+    for field_path, dist in space.space.items():
+        check_field_path(field_path, f"{p}: space")
+        if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{p}: space.{field_path}: expected one of {list(DISTRIBUTIONS)}, e.g. "
+                              "{choice: [a, b]} or {uniform: [0.1, 1.0]}")
+        kind, arg = next(iter(dist.items()))
+        if kind == "choice" and (not isinstance(arg, list) or not arg):
+            raise ConfigError(f"{p}: space.{field_path}.choice: expected a non-empty list")
+        if kind != "choice" and (not isinstance(arg, list) or len(arg) != 2 or not arg[0] < arg[1]):
+            raise ConfigError(f"{p}: space.{field_path}.{kind}: expected [low, high] with low < high")
+    if space.base and space.config:
+        raise ConfigError(f"{p}: give either base or config, not both")
+    if space.base:
+        base_path = Path(space.base)
+        if not base_path.is_absolute() and not base_path.exists():
+            base_path = p.parent / space.base
+        cfg = load_config(base_path)
+    else:
+        from ..config import PipelineConfig as _PC
+
+        try:
+            cfg = _PC.model_validate(space.config or {})
+        except ValidationError as e:
+            raise ConfigError("\n".join(f"{p}: config.{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                        for x in e.errors())) from None
+    cfg = with_overrides(cfg, {"evaluation.split": space.split}, source=str(p))
+    # every choice must produce a valid config
+    for field_path, dist in space.space.items():
+        kind, arg = next(iter(dist.items()))
+        for value in (arg if kind == "choice" else arg):
+            with_overrides(cfg, {field_path: int(value) if kind == "int" else value}, source=f"{p}: space")
+    for obj in space.objectives:
+        name, _, k = obj.partition("@")
+        from ..evaluation.metrics import METRIC_NAMES
+
+        if name not in METRIC_NAMES or not k.isdigit() or int(k) not in cfg.evaluation.ks:
+            raise ConfigError(f"{p}: objectives.{obj}: expected METRIC@k with METRIC in {list(METRIC_NAMES)} "
+                              f"and k in evaluation.ks {cfg.evaluation.ks}")
+    return space, cfg
+
+
+def optuna_space(space: SearchSpace) -> dict:
+    import optuna.distributions as d
+
+    out = {}
+    for path, dist in space.space.items():
+        kind, arg = next(iter(dist.items()))
+        if kind == "choice":
+            out[path] = d.CategoricalDistribution(arg)
+        elif kind == "uniform":
+            out[path] = d.FloatDistribution(float(arg[0]), float(arg[1]))
+        elif kind == "loguniform":
+            out[path] = d.FloatDistribution(float(arg[0]), float(arg[1]), log=True)
+        else:
+            out[path] = d.IntDistribution(int(arg[0]), int(arg[1]))
+    return out
+
+
+def _sampler(space: SearchSpace):
+    import optuna
+
+    if space.sampler == "grid":
+        grid = {}
+        for path, dist in space.space.items():
+            kind, arg = next(iter(dist.items()))
+            if kind != "choice":
+                raise ConfigError(f"sampler grid needs choice distributions; space.{path} is {kind}")
+            grid[path] = arg
+        return optuna.samplers.GridSampler(grid, seed=space.seed)
+    if space.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=space.seed)
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=space.seed)
+    return optuna.samplers.TPESampler(seed=space.seed, multivariate=True)
+
+
+def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"{name}@{k}": v for k, m in metrics.items() for name, v in m.items()}
+
+
+def run_trial(params: dict, base: dict, run_dir: str) -> dict:
+    """One trial: the pipeline with ``params`` applied, ranked on the configured split."""
+    from ..pipeline import run_pipeline
+
+    cfg = with_overrides(PipelineConfig.model_validate(base), params, source="<trial>")
+    summaries = run_pipeline(cfg, run_dir=run_dir, progress=False)
+    return flatten_metrics(summaries["evaluate"]["metrics"])
+
+
+def _trainable(config: dict) -> None:
+    import ray.tune as tune
+
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    metrics = run_trial(params, config["_base"], config["_run_dir"])
+    tune.report(metrics)
+
+
+@dataclass
+class SearchResult:
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    out_dir: Path
+
+
+def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False,
+               num_samples: int | None = None) -> SearchResult:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space, cfg = load_search_space(path)
+    name = space.name or Path(path).stem
+    out = Path(out_dir or Path(cfg.run_dir) / "tune" / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    storage_root = cfg.ray.storage_path or str(out)
+    run_dir = str(Path(cfg.run_dir).resolve()) if not cfg.ray.storage_path else f"{cfg.ray.storage_path}/runs"
+    cfg = with_overrides(cfg, {"run_dir": run_dir}, source=str(path))
+    write_json(out / "base_config.json", cfg.model_dump(mode="json"))
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+                 log_to_driver=False)
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    objectives = list(space.objectives)
+    searcher = OptunaSearch(space=optuna_space(space), metric=objectives,
+                            mode=[space.objectives[o] for o in objectives], sampler=_sampler(space),
+                            study_name=name, storage=study, seed=None)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
+    trainable = tune.with_resources(_trainable, {k: v for k, v in space.resources_per_trial.items() if v})
+    param_space = {"_base": cfg.model_dump(mode="json"), "_run_dir": run_dir}
+    exp_path = Path(storage_root) / "experiment" if "://" not in storage_root else f"{storage_root}/experiment"
+    if resume and tune.Tuner.can_restore(str(exp_path)):
+        print(f"resuming {exp_path}")
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, param_space=param_space,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples or space.num_samples),
+            run_config=tune.RunConfig(name="experiment", storage_path=str(Path(storage_root)) if "://" not in storage_root
+                                      else storage_root,
+                                      failure_config=tune.FailureConfig(max_failures=space.max_failures),
+                                      verbose=1),
+        )
+    grid = tuner.fit()
+    trials = results_frame(grid, list(space.space), objectives)
+    return write_results(trials, space, out)
+
+
+def results_frame(grid, params: list[str], objectives: list[str]) -> pd.DataFrame:
+    rows = []
+    for r in grid:
+        cfg = r.config or {}
+        row: dict[str, Any] = {"trial": Path(r.path).name if r.path else None}
+        row.update({p: cfg.get(p) for p in params})
+        metrics = r.metrics or {}
+        for k, v in metrics.items():
+            if "@" in k:
+                row[k] = v
+        for o in objectives:
+            row.setdefault(o, math.nan)
+        row["status"] = "ERROR" if r.error else "OK"
+        row["error"] = "".join(traceback.format_exception_only(type(r.error), r.error)).strip() if r.error else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_results(trials: pd.DataFrame, space: SearchSpace, out: Path) -> SearchResult:
+    objectives = dict(space.objectives)
+    ok = trials[trials["status"] == "OK"]
+    front = pareto_front(ok, objectives) if len(ok) else ok
+    write_text(out / "trials.csv", trials.to_csv(index=False))
+    write_text(out / "pareto.csv", front.to_csv(index=False))
+    write_text(out / "pareto.md", pareto_markdown(front, list(space.space), list(objectives)))
+    if len(ok) and len(objectives) >= 2:
+        label = next((p for p in space.space if p.endswith("strategy")), None)
+        plot_front(ok, objectives, out / "pareto.png", label=label,
+                   title=f"{space.name or out.name}: {len(ok)} trials, {len(front)} on the front")
+    write_json(out / "search.json", {"space": space.model_dump(), "trials": len(trials),
+                                     "failed": int((trials['status'] != 'OK').sum()), "front": len(front)})
+    print(f"{len(trials)} trials ({int((trials['status'] != 'OK').sum())} failed), {len(front)} on the Pareto front "
+          f"-> {out}")
+    print(pareto_markdown(front, list(space.space), list(objectives)))
+    return SearchResult(trials, front, out)
+
+
+def pareto_markdown(front: pd.DataFrame, params: list[str], objectives: list[str]) -> str:
+    cols = ["trial"] + params + objectives
+    cols = [c for c in cols if c in front.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in front.iterrows():
+        cells = []
+        for c in cols:
+            v = row[c]
+            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_best(search_dir: str | Path, top: int | None = None, split: str = "test") -> pd.DataFrame:
+    """Re-run the Pareto-front trials' pipelines on ``split`` (reusing their trained adapters)."""
+    from ..pipeline import run_pipeline
+
+    search_dir = Path(search_dir)
+    meta = pd.read_csv(search_dir / "pareto.csv")
+    info = yaml.safe_load((search_dir / "search.json").read_text())
+    space = SearchSpace.model_validate(info["space"])
+    base_path = search_dir / "base_config.json"
+    import json
+
+    base = PipelineConfig.model_validate(json.loads(base_path.read_text()))
+    rows = []
+    for _, r in meta.head(top or len(meta)).iterrows():
+        params = {p: (r[p].item() if hasattr(r[p], "item") else r[p]) for p in space.space}
+        cfg = with_overrides(base, {**params, "evaluation.split": split})
+        m = flatten_metrics(run_pipeline(cfg, progress=False)["evaluate"]["metrics"])
+        rows.append({"trial": r["trial"], **params, **m})
+    frame = pd.DataFrame(rows)
+    write_text(search_dir / f"best_{split}.csv", frame.to_csv(index=False))
+    print(pareto_markdown(frame, list(space.space), list(space.objectives)))
+    return frame
