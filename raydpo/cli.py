@@ -96,6 +96,58 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise RaydpoError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .pipeline import run_pipeline
+
+    cfg = load_config(args.config, _parse_sets(args.set))
+    run_pipeline(cfg, from_stage=args.from_stage, until=args.until, progress=not args.quiet)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tuning.search import run_search
+
+    run_search(args.search_space, out_dir=args.out, resume=args.resume, num_samples=args.num_samples)
+    return 0
+
+
+def _cmd_tune_eval(args: argparse.Namespace) -> int:
+    from .tuning.search import evaluate_best
+
+    evaluate_best(args.search_dir, top=args.top, split=args.split)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    report(args.path, args.out)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .report import report
+    from .tuning.search import run_search
+
+    root = Path(__file__).resolve().parents[1]
+    result = run_search(root / "search_spaces" / "quickstart.yaml", out_dir=args.out)
+    report(result.out_dir)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -163,6 +215,40 @@ def build_parser() -> argparse.ArgumentParser:
     from .generation.cli import add_generation_parsers
 
     add_generation_parsers(sub)
+
+    r = sub.add_parser("run", help="run (or resume) the whole pipeline from a YAML config",
+                       description="Stages: data, sft, generate, sample, align, predict, evaluate. Finished "
+                                   "stages are cached by a hash of the config that affects them.")
+    r.add_argument("config", help="pipeline YAML (see configs/)")
+    r.add_argument("--from", dest="from_stage", help="force a rerun from this stage on")
+    r.add_argument("--until", default="evaluate", help="stop after this stage")
+    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. sampling.strategy=random")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=_cmd_run)
+
+    t = sub.add_parser("tune", help="multi-objective Ray Tune + Optuna search (Pareto front)",
+                       description="Search pipeline configs; rank trials on NDCG (max) and ORRatio (min).")
+    t.add_argument("search_space", help="search space YAML (see search_spaces/)")
+    t.add_argument("--out", help="result folder (default: RUN_DIR/tune/NAME)")
+    t.add_argument("--resume", action="store_true", help="resume an interrupted search")
+    t.add_argument("--num-samples", type=int, help="override num_samples")
+    t.set_defaults(func=_cmd_tune)
+
+    te = sub.add_parser("tune-eval", help="re-evaluate the Pareto-front trials of a search on the test split")
+    te.add_argument("search_dir")
+    te.add_argument("--top", type=int)
+    te.add_argument("--split", default="test", choices=["valid", "test"])
+    te.set_defaults(func=_cmd_tune_eval)
+
+    rp = sub.add_parser("report", help="markdown table (published style) and plots of a run or a search")
+    rp.add_argument("path", help="a pipeline run directory or a search directory")
+    rp.add_argument("--out", help="markdown file (default: PATH/report.md)")
+    rp.set_defaults(func=_cmd_report)
+
+    q = sub.add_parser("quickstart", help="the main job on the embedded default: tiny model, synthetic data, "
+                                          "a 4-strategy search, Pareto table and plot")
+    q.add_argument("--out", default=None)
+    q.set_defaults(func=_cmd_quickstart)
 
     demo = sub.add_parser("demo", help="the embedded default: synthetic data, baseline predictions, evaluation")
     demo.add_argument("--out", default="runs/demo")

@@ -234,6 +234,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
                 summaries[stage] = summary
                 print(f"[{stage}] done in {summary['seconds']} s")
         ctx.outputs[stage] = out
-    write_json(ctx.run_dir / "last_run.json", {"keys": ctx.keys, "until": until,
-                                               "config": cfg.model_dump(mode="json")})
+    dump = cfg.model_dump(mode="json")
+    write_json(ctx.run_dir / "last_run.json", {"keys": ctx.keys, "until": until, "config": dump})
+    if until == "evaluate":  # what produced this evaluation, for `raydpo report`
+        write_json(ctx.run_dir / "chains" / f"{ctx.keys['evaluate']}.json",
+                   {**dump, "split": cfg.evaluation.split, "keys": ctx.keys})
     return summaries

@@ -1,0 +1,123 @@
+"""``raydpo report RUN_DIR``: a run or a search as a markdown table in the style of the
+published tables (one row per method, metrics at k = 5 and 10), with plots.
+
+A pipeline run directory holds ``evaluate/<key>/`` folders (one per evaluated configuration);
+a search directory holds ``trials.csv``. Either is rendered to ``report.md`` beside a
+``report.png`` (NDCG@10 against ORRatio@10, one point per method).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import RaydpoError
+from .io import atomic_path, write_text
+
+COLUMNS = ["NDCG", "HR", "DivRatio", "ORRatio", "MGU", "DGU"]
+
+
+def _method_label(cfg: dict) -> str:
+    a, s = cfg.get("alignment", {}), cfg.get("sampling", {})
+    loss = a.get("loss", "sigmoid")
+    trainer = {"sigmoid": "DPO", "sdpo": "S-DPO", "dsdpo": "DS-DPO"}.get(loss, loss)
+    label = f"{trainer} {s.get('strategy', '?')}"
+    if s.get("n_negatives", 1) > 1:
+        label += f" x{s['n_negatives']}"
+    if a.get("stages"):
+        label = "curriculum " + " > ".join(st["name"] for st in a["stages"])
+    return f"{label} (beta {a.get('beta')}, {a.get('epochs')} ep)"
+
+
+def collect_run(run_dir: Path) -> pd.DataFrame:
+    rows = []
+    for done in sorted((run_dir / "evaluate").glob("*/_SUCCESS")):
+        summary = json.loads(done.read_text())
+        metrics = summary.get("metrics") or json.loads((done.parent / "metrics.json").read_text())
+        # the config of the whole chain lives in the align stage's sibling runs; the run's
+        # last_run.json or the evaluate stage's params tell the split; the method comes from
+        # the matching align stage config
+        cfg = _chain_config(run_dir, summary.get("key"))
+        row = {"method": _method_label(cfg) if cfg else done.parent.name, "split": cfg.get("split", "")}
+        for k, m in metrics.items():
+            for name, v in m.items():
+                row[f"{name}@{k}"] = v
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _chain_config(run_dir: Path, evaluate_key: str | None) -> dict:
+    # each stage writes the params that made its key; walk the recorded chains
+    chains = run_dir / "chains"
+    if evaluate_key and (chains / f"{evaluate_key}.json").exists():
+        return json.loads((chains / f"{evaluate_key}.json").read_text())
+    return {}
+
+
+def collect_search(search_dir: Path) -> pd.DataFrame:
+    trials = pd.read_csv(search_dir / "trials.csv")
+    trials = trials[trials["status"] == "OK"].copy()
+    params = [c for c in trials.columns if "." in c and "@" not in c]
+    trials["method"] = trials[params].astype(str).agg(", ".join, axis=1) if params else trials["trial"]
+    return trials
+
+
+def markdown_table(frame: pd.DataFrame, ks=(5, 10)) -> str:
+    head = ["Method"] + [f"{c}@{k}" for k in ks for c in COLUMNS]
+    if "Predict_NotIn_Ratio@5" in frame.columns:
+        head.append("NotIn")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in frame.iterrows():
+        cells = [str(r["method"])]
+        for k in ks:
+            for c in COLUMNS:
+                v = r.get(f"{c}@{k}")
+                cells.append("" if v is None or pd.isna(v) else f"{v:.4f}")
+        if "Predict_NotIn_Ratio@5" in frame.columns:
+            cells.append(f"{r['Predict_NotIn_Ratio@5']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_methods(frame: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    ax.scatter(frame["ORRatio@10"], frame["NDCG@10"], color="#2e86ab")
+    for _, r in frame.iterrows():
+        ax.annotate(str(r["method"])[:40], (r["ORRatio@10"], r["NDCG@10"]), textcoords="offset points",
+                    xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("ORRatio@10 (lower: less popularity concentration)")
+    ax.set_ylabel("NDCG@10 (higher: more accurate)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def report(path: str | Path, out: str | Path | None = None) -> Path:
+    path = Path(path)
+    if (path / "trials.csv").exists():
+        frame, kind = collect_search(path), "search"
+    elif (path / "evaluate").exists():
+        frame, kind = collect_run(path), "run"
+    else:
+        raise RaydpoError(f"{path}: neither a run directory (evaluate/) nor a search directory (trials.csv)")
+    if frame.empty:
+        raise RaydpoError(f"{path}: no finished evaluations to report")
+    out = Path(out or path / "report.md")
+    png = plot_methods(frame, out.with_suffix(".png"))
+    parts = [f"# raydpo {kind} report: {path.name}\n", markdown_table(frame), f"\n![NDCG vs ORRatio]({png.name})\n"]
+    if (path / "pareto.png").exists():
+        parts.append("\n## Pareto front\n\n" + (path / "pareto.md").read_text() + "\n![Pareto front](pareto.png)\n")
+    write_text(out, "\n".join(parts))
+    print("\n".join(parts[:2]))
+    print(f"wrote {out}")
+    return out
