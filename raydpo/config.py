@@ -60,7 +60,7 @@ class LoraConfigSection(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | None = None  # default: every linear projection of a Llama block
 
 
 class SFTSection(Section):
@@ -108,6 +108,7 @@ class StageSection(Section):
 
     name: str
     strategy: str | None = None  # default: sampling.strategy
+    learning_rate: float | None = Field(None, gt=0)  # default: alignment.learning_rate
     n_negatives: int | None = None
     loss: str = "sigmoid"
     epochs: float = Field(1, gt=0)

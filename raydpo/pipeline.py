@@ -55,7 +55,7 @@ def stage_params(cfg: PipelineConfig, stage: str) -> dict:
     if stage == "generate":
         return c.generation.model_dump()
     if stage == "sample":
-        return c.sampling.model_dump()
+        return {"sampling": c.sampling.model_dump(), "datasets": preference_sets(c)}
     if stage == "align":
         return {"alignment": c.alignment.model_dump(), "sampling": c.sampling.model_dump(),
                 "deepspeed": c.ray.deepspeed}
@@ -121,7 +121,7 @@ def run_sft(ctx: Context, out: Path) -> dict:
 
 def run_generate(ctx: Context, out: Path) -> dict:
     from .generation.candidates import DecodeConfig
-    from .generation.distributed import ModelSpec, Resources, run_sharded
+    from .generation.distributed import Resources, run_sharded
 
     g = ctx.cfg.generation
     decode = DecodeConfig(mode=g.mode, num_return_sequences=g.num_return_sequences, num_beams=g.num_beams,
@@ -153,7 +153,7 @@ def run_align(ctx: Context, out: Path) -> dict:
 
 def run_predict(ctx: Context, out: Path) -> dict:
     from .generation.candidates import DecodeConfig
-    from .generation.distributed import ModelSpec, Resources, run_sharded
+    from .generation.distributed import Resources, run_sharded
 
     p = ctx.cfg.prediction
     constrained = p.mode == "constrained"
@@ -194,11 +194,33 @@ RUNNERS: dict[str, Callable[[Context, Path], dict]] = {
 }
 
 
-def _model_spec(ctx: Context, adapter_stage: str):
+def _model_spec(ctx: Context, stage: str):
+    """The model a stage produced: base + its LoRA adapter, its full model, or the base."""
     from .generation.distributed import ModelSpec
 
-    adapter = ctx.outputs[adapter_stage] / "adapter"
-    return ModelSpec(ctx.cfg.model.name_or_path, str(adapter) if adapter.exists() else None, ctx.cfg.model.dtype)
+    out = ctx.outputs[stage]
+    if (out / "adapter").exists():
+        return ModelSpec(ctx.cfg.model.name_or_path, str(out / "adapter"), ctx.cfg.model.dtype)
+    if (out / "model").exists():
+        return ModelSpec(str(out / "model"), None, ctx.cfg.model.dtype)
+    return ModelSpec(ctx.cfg.model.name_or_path, None, ctx.cfg.model.dtype)
+
+
+def preference_sets(cfg: PipelineConfig) -> list[tuple[str, int]]:
+    """The (strategy, n_negatives) preference datasets the alignment stages need."""
+    s, a = cfg.sampling, cfg.alignment
+    if not a.stages:
+        return [(s.strategy, s.n_negatives)]
+    sets = []
+    for st in a.stages:
+        key = (st.strategy or s.strategy, st.n_negatives or s.n_negatives)
+        if key not in sets:
+            sets.append(key)
+    return sets
+
+
+def preference_file(sample_dir: Path, split: str, strategy: str, n: int) -> Path:
+    return Path(sample_dir) / split / f"{strategy}-n{n}.parquet"
 
 
 # --- driver --------------------------------------------------------------------------------------

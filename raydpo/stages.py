@@ -1,0 +1,115 @@
+"""The pipeline's training and sampling stages: pipeline config -> raydpo.training / raydpo.sampling.
+
+Kept apart from ``raydpo.pipeline`` (which only orders, caches and resumes stages) so that each
+side reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .config import PipelineConfig
+from .io import atomic_path
+
+
+def _ray_settings(cfg: PipelineConfig, out: Path):
+    from .training.config import RayTrainSettings
+
+    r = cfg.ray
+    storage = f"{r.storage_path.rstrip('/')}/train/{out.parent.name}-{out.name}" if r.storage_path else None
+    return RayTrainSettings(num_workers=r.num_workers, use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker,
+                            deepspeed=r.deepspeed, max_failures=r.max_failures, storage_path=storage)
+
+
+def _lora(cfg: PipelineConfig):
+    from .training.config import LoraSettings
+
+    lo = cfg.sft.lora
+    kw = dict(r=lo.r, alpha=lo.alpha, dropout=lo.dropout)
+    if lo.target_modules:
+        kw["target_modules"] = list(lo.target_modules)
+    return LoraSettings(**kw)
+
+
+def _publish(result, out: Path) -> dict:
+    """Copy the run's final adapter (or full model) to OUT/adapter (OUT/model), atomically."""
+    if result.adapter_path:
+        target, src = out / "adapter", Path(result.adapter_path)
+    else:
+        target, src = out / "model", Path(result.final_path)
+    with atomic_path(target) as tmp:
+        shutil.copytree(src, tmp)
+    last = result.metrics[-1] if result.metrics else {}
+    return {"output": str(target), "elapsed_s": round(result.elapsed_s, 2),
+            "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
+    if not cfg.sft.enabled:
+        return {"skipped": True}
+    from .training.config import ModelSettings, Plan, SFTConfig
+    from .training.ray_train import run_plan
+
+    s = cfg.sft
+    stage = SFTConfig(name="sft", data=str(dataset_dir), split="train", epochs=s.epochs,
+                      learning_rate=s.learning_rate, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                      max_length=s.max_length, seed=s.seed, lora=None if s.full_finetune else _lora(cfg))
+    plan = Plan(model=ModelSettings(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype),
+                dataset=str(dataset_dir), output_dir=str(out / "train"), stages=[stage], ray=_ray_settings(cfg, out))
+    return _publish(run_plan(plan), out)
+
+
+def sample_preferences(cfg: PipelineConfig, dataset_dir: Path, candidates_dir: Path, out: Path) -> dict:
+    from .data import load_dataset
+    from .generation.distributed import read_candidates
+    from .pipeline import preference_sets
+    from .sampling.run import sample_to_file
+
+    s = cfg.sampling
+    ds = load_dataset(dataset_dir)
+    cands = read_candidates(candidates_dir)
+    summaries = {}
+    for split in cfg.generation.splits:
+        ids = set(ds.split(split).frame["sample_id"])
+        part = cands[cands["sample_id"].isin(ids)].reset_index(drop=True)
+        if part.empty:
+            continue
+        for strategy, n in preference_sets(cfg):
+            path = out / split / f"{strategy}-n{n}.parquet"
+            (summary,) = sample_to_file(ds, part, strategy, path, seed=s.seed, n_negatives=n, quiet=split != "train",
+                                        exposure_scope=s.exposure_scope, cluster_k=s.cluster_k,
+                                        ignore_genres=tuple(s.ignore_genres), ignore_genres_above=s.ignore_genres_above)
+            summaries[f"{split}/{strategy}-n{n}"] = {k: summary.get(k) for k in ("records", "dropped", "fallbacks",
+                                                                                 "in_cluster_share") if k in summary}
+    return {"datasets": summaries}
+
+
+REFERENCE = {"adapter_disabled": "adapter_disabled", "precomputed": "precomputed", "previous_stage": "initial",
+             "sft": "start"}
+
+
+def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Path, out: Path) -> dict:
+    from .pipeline import preference_file
+    from .training.config import ModelSettings, Plan, PreferenceConfig
+    from .training.ray_train import run_plan
+
+    a, s = cfg.alignment, cfg.sampling
+    specs = a.stages or [None]
+    stages = []
+    for i, st in enumerate(specs):
+        strategy = (st.strategy if st and st.strategy else s.strategy)
+        n = (st.n_negatives if st and st.n_negatives else s.n_negatives)
+        loss = st.loss if st else a.loss
+        stages.append(PreferenceConfig(
+            name=st.name if st else "align", data=str(preference_file(sample_dir, "train", strategy, n)),
+            loss=loss, beta=st.beta if st else a.beta, epochs=st.epochs if st else a.epochs,
+            learning_rate=(st.learning_rate if st and st.learning_rate else a.learning_rate),
+            batch_size=a.batch_size, grad_accum=a.grad_accum, max_length=a.max_length, seed=a.seed,
+            reference=REFERENCE[a.reference], pairs="first" if loss not in ("sdpo", "dsdpo") else "first"))
+    adapter = sft_dir / "adapter"
+    model = ModelSettings(name_or_path=str(sft_dir / "model") if (sft_dir / "model").exists() else cfg.model.name_or_path,
+                          adapter=str(adapter) if adapter.exists() else None, dtype=cfg.model.dtype)
+    plan = Plan(model=model, dataset=str(dataset_dir), output_dir=str(out / "train"), stages=stages,
+                ray=_ray_settings(cfg, out))
+    return _publish(run_plan(plan), out)
