@@ -199,6 +199,9 @@ def _model_spec(ctx: Context, stage: str):
     from .generation.distributed import ModelSpec
 
     out = ctx.outputs[stage]
+    if (out / "model.json").exists():
+        m = read_json(out / "model.json")
+        return ModelSpec(m["name_or_path"], m.get("adapter"), ctx.cfg.model.dtype)
     if (out / "adapter").exists():
         return ModelSpec(ctx.cfg.model.name_or_path, str(out / "adapter"), ctx.cfg.model.dtype)
     if (out / "model").exists():

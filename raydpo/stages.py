@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from .config import PipelineConfig
-from .io import atomic_path
+from .io import atomic_path, write_json
 
 
 def _ray_settings(cfg: PipelineConfig, out: Path):
@@ -40,6 +40,10 @@ def _publish(result, out: Path) -> dict:
         target, src = out / "model", Path(result.final_path)
     with atomic_path(target) as tmp:
         shutil.copytree(src, tmp)
+    # what to load: the base the adapter was trained on (for a curriculum after a full
+    # fine-tuning stage, that is the fine-tuned model, not the preset)
+    write_json(out / "model.json", {"name_or_path": result.base_model if result.adapter_path else str(target),
+                                    "adapter": str(target) if result.adapter_path else None})
     last = result.metrics[-1] if result.metrics else {}
     return {"output": str(target), "elapsed_s": round(result.elapsed_s, 2),
             "final_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float))}}

@@ -1,0 +1,119 @@
+"""The whole pipeline on local Ray with the tiny model: caching by config hash, partial reruns,
+--from, resume; and a small Ray Tune + Optuna search with a failing trial."""
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from raydpo.cli import main
+from raydpo.config import load_config, with_overrides
+from raydpo.pipeline import STAGES, run_pipeline, stage_keys
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+CONFIG = """
+name: test
+data:
+  source: synthetic
+  synthetic: {n_users: 150, n_items: 60, n_genres: 5, seed: 1}
+sft: {epochs: 1, learning_rate: 0.003, batch_size: 16, full_finetune: true}
+generation: {mode: beam, num_return_sequences: 3, batch_size: 32, limit: 48}
+sampling: {strategy: clusterout_low}
+alignment: {loss: sigmoid, beta: 0.1, epochs: 1, learning_rate: 0.0005, batch_size: 16}
+prediction: {mode: constrained, num_beams: 2, batch_size: 16, limit: 12}
+evaluation: {split: valid, ks: [5, 10]}
+ray: {num_workers: 1, cpus_per_worker: 0.5, shard_size: 24}
+"""
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    p = d / "config.yaml"
+    p.write_text(CONFIG + f"run_dir: {d / 'runs'}\n")
+    return p
+
+
+def _mtimes(run_dir: Path, keys: dict) -> dict:
+    return {s: (run_dir / s / keys[s] / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
+
+
+def test_run_cache_partial_rerun_and_from(ray_local, config_path, capsys):
+    cfg = load_config(config_path)
+    run_dir = Path(cfg.run_dir)
+    first = run_pipeline(cfg, progress=False)
+    metrics = first["evaluate"]["metrics"]
+    assert set(metrics) == {"5", "10"} and metrics["10"]["Predict_NotIn_Ratio"] == 0.0  # constrained
+    keys = stage_keys(cfg)
+    before = _mtimes(run_dir, keys)
+    assert (run_dir / "align" / keys["align"] / "adapter" / "adapter_config.json").exists()
+
+    # rerun: every stage cached, nothing rewritten
+    capsys.readouterr()
+    again = run_pipeline(cfg, progress=False)
+    assert "running" not in capsys.readouterr().out
+    assert again["evaluate"]["metrics"] == metrics and _mtimes(run_dir, keys) == before
+
+    # a changed alignment parameter reruns only alignment and what depends on it
+    cfg2 = with_overrides(cfg, {"alignment.beta": 0.5})
+    keys2 = stage_keys(cfg2)
+    assert [s for s in STAGES if keys2[s] != keys[s]] == ["align", "predict", "evaluate"]
+    run_pipeline(cfg2, progress=False)
+    for s in ("data", "sft", "generate", "sample"):
+        assert (run_dir / s / keys[s] / "_SUCCESS").stat().st_mtime_ns == before[s]
+    assert (run_dir / "align" / keys2["align"] / "_SUCCESS").exists()
+
+    # --from sample reruns sample onward, not the upstream stages
+    run_pipeline(cfg, from_stage="sample", progress=False)
+    after = _mtimes(run_dir, keys)
+    assert [s for s in STAGES if after[s] != before[s]] == ["sample", "align", "predict", "evaluate"]
+
+    # an interrupted stage (no _SUCCESS) is rerun; a finished one is not
+    (run_dir / "evaluate" / keys["evaluate"] / "_SUCCESS").unlink()
+    (run_dir / "evaluate" / keys["evaluate"] / "metrics.json").write_text("{garbage")
+    run_pipeline(cfg, progress=False)
+    assert json.loads((run_dir / "evaluate" / keys["evaluate"] / "metrics.json").read_text())["5"]
+
+    # the report renders the evaluated configurations as a published-style table
+    assert main(["report", str(run_dir)]) == 0
+    md = (run_dir / "report.md").read_text()
+    assert "| Method | NDCG@5" in md and "DPO clusterout_low" in md
+    assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_pareto_and_failed_trial(ray_local, config_path, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""# test search
+base: {config_path}
+sampler: grid
+num_samples: 3
+max_failures: 0
+resources_per_trial: {{cpu: 0.5}}
+space:
+  sampling.strategy: {{choice: [clusterout_low, random, no_such_strategy]}}
+""")
+    out = tmp_path / "search"
+    assert main(["tune", str(space), "--out", str(out)]) == 0
+    trials = pd.read_csv(out / "trials.csv")
+    assert sorted(trials["sampling.strategy"]) == ["clusterout_low", "no_such_strategy", "random"]
+    failed = trials[trials["status"] == "ERROR"]
+    assert failed["sampling.strategy"].tolist() == ["no_such_strategy"]
+    assert "no_such_strategy" in failed["error"].iloc[0]
+    ok = trials[trials["status"] == "OK"]
+    assert ok["NDCG@10"].notna().all() and ok["ORRatio@10"].notna().all()
+    front = pd.read_csv(out / "pareto.csv")
+    assert 1 <= len(front) <= 2 and set(front["sampling.strategy"]) <= {"clusterout_low", "random"}
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # the Optuna study is persisted where optuna-dashboard can open it
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="space", storage=JournalStorage(JournalFileBackend(str(out / "study.journal"))))
+    assert len(study.trials) == 3
+    # the best trials are re-evaluated on the test split with one command
+    assert main(["tune-eval", str(out), "--top", "1"]) == 0
+    best = pd.read_csv(out / "best_test.csv")
+    assert len(best) == 1 and best["NDCG@10"].notna().all()
