@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-import numpy as np
 import torch
 
 METRIC_NAMES = ("NDCG", "HR", "diversity", "DivRatio", "DGU", "MGU", "ORRatio", "Predict_NotIn_Ratio")

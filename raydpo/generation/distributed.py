@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -183,7 +183,8 @@ def run_sharded(
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        ctx.enable_progress_bars = False  # our own bar counts rows and rows/s
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             ShardWorker,

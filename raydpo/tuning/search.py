@@ -40,7 +40,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import ConfigError, PipelineConfig, check_field_path, load_config, with_overrides
-from ..errors import RaydpoError
 from ..io import write_json, write_text
 from .pareto import pareto_front, plot_front
 
@@ -209,7 +208,6 @@ class SearchResult:
 
 def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False,
                num_samples: int | None = None) -> SearchResult:
-    import optuna
     import ray
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
