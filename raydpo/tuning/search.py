@@ -224,6 +224,13 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     if not ray.is_initialized():
         ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
                  log_to_driver=False)
+    upstream = ("data.", "model.", "sft.", "generation.", "ray.")
+    if not any(p.startswith(upstream) for p in space.space):
+        # every trial shares data, SFT and candidates: build them once here, with progress
+        from ..pipeline import run_pipeline
+
+        print(f"building the shared upstream stages (data, sft, generate) in {run_dir}")
+        run_pipeline(cfg, until="generate", run_dir=run_dir)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
