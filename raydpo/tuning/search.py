@@ -191,12 +191,10 @@ def run_trial(params: dict, base: dict, run_dir: str) -> dict:
     return flatten_metrics(summaries["evaluate"]["metrics"])
 
 
-def _trainable(config: dict) -> None:
+def _trainable(config: dict, base: dict, run_dir: str) -> None:
     import ray.tune as tune
 
-    params = {k: v for k, v in config.items() if not k.startswith("_")}
-    metrics = run_trial(params, config["_base"], config["_run_dir"])
-    tune.report(metrics)
+    tune.report(run_trial(dict(config), base, run_dir))
 
 
 @dataclass
@@ -240,8 +238,10 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
                             mode=[space.objectives[o] for o in objectives], sampler=_sampler(space),
                             study_name=name, storage=study, seed=None)
     searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
-    trainable = tune.with_resources(_trainable, {k: v for k, v in space.resources_per_trial.items() if v})
-    param_space = {"_base": cfg.model_dump(mode="json"), "_run_dir": run_dir}
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), run_dir=run_dir),
+        {k: v for k, v in space.resources_per_trial.items() if v})
+    param_space: dict = {}
     exp_path = Path(storage_root) / "experiment" if "://" not in storage_root else f"{storage_root}/experiment"
     if resume and tune.Tuner.can_restore(str(exp_path)):
         print(f"resuming {exp_path}")
