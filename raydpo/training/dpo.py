@@ -1,0 +1,72 @@
+"""DPO (and every other TRL pairwise loss) through TRL's ``DPOTrainer``.
+
+TRL 1.16 tokenises raw text itself (``prompt + chosen`` as one string, with the EOS *text*
+appended), and its ``_prepare_dataset`` has no pass-through for tokenised data. raydpo feeds
+pairs already tokenised the raydpo way (:mod:`raydpo.training.data`: chat-template prompt ids,
+then each response's ids + EOS id) and skips that step, so DPO sees exactly the tokens of SFT,
+of the candidate trie and of prediction. TRL's collator concatenates ``prompt_ids + chosen_ids``
+and ``prompt_ids + rejected_ids`` and masks the prompt.
+
+Reference (see :mod:`raydpo.training.reference`): TRL computes the reference on the fly with the
+adapter disabled or with a frozen ``"ref"`` adapter (raydpo attaches the one the stage asks
+for), or reads ``ref_chosen_logps`` / ``ref_rejected_logps`` columns: raydpo fills them from the
+data or computes them once before training, and TRL then runs no reference pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import reference as ref_mod
+from .common import AdapterSaveMixin, WorkerContext, training_kwargs
+from .data import to_pairs
+
+
+def _trainer_class():
+    from trl import DPOTrainer
+
+    class RaydpoDPOTrainer(AdapterSaveMixin, DPOTrainer):
+        """TRL's DPOTrainer on pre-tokenised pairs, saving the policy adapter only."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if "prompt_ids" in dataset.column_names:
+                return dataset  # tokenised by raydpo (lengths already checked against max_length)
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return RaydpoDPOTrainer
+
+
+def dpo_config(stage, ctx: WorkerContext, output_dir: Path, has_eval: bool):
+    """A DPOConfig with TRL's GPU-minded defaults replaced (bf16, gradient checkpointing and
+    lr 1e-6 are TRL defaults; raydpo sets them from the stage)."""
+    from trl import DPOConfig
+
+    kw = training_kwargs(stage, ctx, output_dir, has_eval)
+    kw["gradient_checkpointing"] = kw.pop("activation_checkpointing")  # TRL's field (default True)
+    kw.update(beta=stage.beta, loss_type=[stage.loss], max_length=None, precompute_ref_log_probs=False,
+              disable_dropout=stage.disable_dropout, **stage.trl_args)
+    return DPOConfig(**kw)
+
+
+def build_trainer(stage, model, tokenizer, train_examples: list[dict[str, Any]],
+                  eval_examples: list[dict[str, Any]] | None, ctx: WorkerContext, output_dir: Path,
+                  callbacks: list, spec: ref_mod.ReferenceSpec):
+    """``train_examples``: :func:`~raydpo.training.data.tokenize_frame` rows (with ``ref_logps``
+    when the reference is precomputed)."""
+    from datasets import Dataset
+
+    args = dpo_config(stage, ctx, output_dir, has_eval=bool(eval_examples))
+    train = Dataset.from_list(to_pairs(train_examples, stage.pairs))
+    evald = Dataset.from_list(to_pairs(eval_examples, stage.pairs)) if eval_examples else None
+    trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=evald,
+                               processing_class=tokenizer, callbacks=callbacks)
+    # TRL copies a continued adapter as "ref" (or uses the adapter-disabled base); attach the
+    # reference this stage asks for instead, or none when the numbers are given
+    ref_mod.attach(trainer.model, spec if not (spec.precompute or spec.from_data) else ref_mod.ReferenceSpec())
+    if "ref_chosen_logps" in train.column_names:
+        trainer.precompute_ref_logps = True
+    return trainer
+
+
+__all__ = ["build_trainer", "dpo_config"]
