@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_stats)
 
     from .generation.cli import add_generation_parsers
+    from .sampling.cli import add_sampling_parser
 
     add_generation_parsers(sub)
+    add_sampling_parser(sub)
 
     r = sub.add_parser("run", help="run (or resume) the whole pipeline from a YAML config",
                        description="Stages: data, sft, generate, sample, align, predict, evaluate. Finished "

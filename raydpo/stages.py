@@ -84,8 +84,9 @@ def sample_preferences(cfg: PipelineConfig, dataset_dir: Path, candidates_dir: P
             (summary,) = sample_to_file(ds, part, strategy, path, seed=s.seed, n_negatives=n, quiet=split != "train",
                                         exposure_scope=s.exposure_scope, cluster_k=s.cluster_k,
                                         ignore_genres=tuple(s.ignore_genres), ignore_genres_above=s.ignore_genres_above)
-            summaries[f"{split}/{strategy}-n{n}"] = {k: summary.get(k) for k in ("records", "dropped", "fallbacks",
-                                                                                 "in_cluster_share") if k in summary}
+            summaries[f"{split}/{strategy}-n{n}"] = {"records": summary.get("records"),
+                                                     "negatives": summary.get("negatives"),
+                                                     "fallbacks": summary.get("fallbacks")}
     return {"datasets": summaries}
 
 

@@ -244,7 +244,8 @@ def test_random_exact_path_and_catalog_exhausted(engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_selfplay_is_top_candidate(engine):
     assert one("selfplay", engine, **BASE)[0] == [10]
-    assert one("selfplay", engine, items=[], exposure=[], overlap=[], target=1, history=[2])[:2] == ([], "no_candidates")
+    empty = dict(items=[], exposure=[], overlap=[], target=1, history=[2])
+    assert one("selfplay", engine, **empty)[:2] == ([], "no_candidates")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,17 +526,24 @@ def test_user_strategy_output_is_checked(small, small_annotated):
         """Outside the catalog."""
         return [10 ** 9]
 
+    @register_strategy("test_returns_minus_one")
+    def returns_minus_one(ctx):
+        """A padding id is not an item."""
+        return [-1]
+
     try:
         with pytest.raises(DataError, match="chose the target"):
             sample_negatives(ds, small_annotated, "test_returns_target")
         with pytest.raises(DataError, match="outside the catalog"):
             sample_negatives(ds, small_annotated, "test_returns_junk")
+        with pytest.raises(DataError, match="negative item id"):
+            sample_negatives(ds, small_annotated, "test_returns_minus_one")
         frame, summary = sample_negatives(ds, small_annotated, "test_returns_dupes")
         assert all(len(r) == 1 for r in frame["rejected_item_ids"])
         assert summary["duplicates_avoided"] == len(frame)
         assert summary["records"]["dropped_total"] == 0 and summary["records"]["out"] == len(small_annotated)
     finally:
-        for n in ("test_returns_target", "test_returns_dupes", "test_returns_junk"):
+        for n in ("test_returns_target", "test_returns_dupes", "test_returns_junk", "test_returns_minus_one"):
             unregister_strategy(n)
     with pytest.raises(RaydpoError, match="built-in"):
         unregister_strategy("clusterout_low")
@@ -760,7 +768,8 @@ def test_annotation_dedups_stably_and_counts(hand_dataset):
     f = ann.to_frame(hand_dataset.catalog)
     assert list(f["candidate_item_ids"][0]) == [5, 7, 6]
     assert list(f["candidate_beam_rank"][0]) == [0, 1, 4]
-    assert (ann.counts["duplicates_removed"], ann.counts["filtered_target"], ann.counts["filtered_history"]) == (2, 1, 1)
+    c = ann.counts
+    assert (c["duplicates_removed"], c["filtered_target"], c["filtered_history"]) == (2, 1, 1)
     assert list(f["interest_cluster"][0]) == ["a"]
 
 

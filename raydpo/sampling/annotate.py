@@ -409,7 +409,8 @@ def _history_titles(cat_titles: pa.Array, lengths: np.ndarray, flat_ids: np.ndar
     probe = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, 64)).astype(np.int64)) if n else np.empty(0, np.int64)
     starts = np.cumsum(lengths) - lengths
     ok = all(len(given[i]) == lengths[i] and all(
-        t == cat_titles[int(x)].as_py() for t, x in zip(given[i], flat_ids[starts[i]: starts[i] + lengths[i]]) if x >= 0)
+        t == cat_titles[int(x)].as_py()
+        for t, x in zip(given[i], flat_ids[starts[i]: starts[i] + lengths[i]]) if x >= 0)
         for i in probe.tolist())
     if not ok:
         return pa.array([list(g) for g in given], pa.list_(pa.string()))

@@ -16,7 +16,7 @@ strategies that prefer numpy's API.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -93,16 +93,17 @@ def list_parts(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     return lengths, values.to_numpy(zero_copy_only=False)
 
 
-def pad(lengths: np.ndarray, values: np.ndarray, fill, dtype, width: int | None = None) -> np.ndarray:
-    """Left-aligned ``[len(lengths), width]`` matrix of ragged rows, ``fill`` padded."""
+def pad(lengths: np.ndarray, values: np.ndarray, fill, dtype, width: int | None = None,
+        mask: np.ndarray | None = None) -> np.ndarray:
+    """Left-aligned ``[len(lengths), width]`` matrix of ragged rows, ``fill`` padded. ``mask``
+    (``arange(width) < lengths[:, None]``) may be passed when several columns share the lengths."""
     b = len(lengths)
     w = int(width if width is not None else max(int(lengths.max()) if b else 0, 1))
     out = np.full((b, w), fill, dtype=dtype)
     if len(values):
-        rows = np.repeat(np.arange(b), lengths)
-        starts = np.cumsum(lengths) - lengths
-        cols = np.arange(len(values)) - np.repeat(starts, lengths)
-        out[rows, cols] = values
+        if mask is None:
+            mask = np.arange(w)[None, :] < lengths[:, None]
+        out[mask] = values  # boolean assignment fills row-major, i.e. in the flat order of the values
     return out
 
 
@@ -210,29 +211,50 @@ class BatchContext:
         lengths, items = list_parts(table.column("candidate_item_ids"))
         self.lengths = lengths
         self.width = max(int(lengths.max()) if self.size else 0, 1)
-        self.items = pad(lengths, items.astype(np.int64), -1, np.int64, self.width)
+        self._mask = np.arange(self.width)[None, :] < lengths[:, None]
+        self.items = pad(lengths, items.astype(np.int64, copy=False), -1, np.int64, self.width, self._mask)
         self.valid = self.items >= 0
-
-        def padded(name: str, fill=0, dtype=np.int64) -> np.ndarray:
-            _, v = list_parts(table.column(name))
-            return pad(lengths, v.astype(dtype), fill, dtype, self.width)
-
-        self.exposure = padded("candidate_exposure")
-        self.exposure_rank = padded("candidate_exposure_rank", -1)
-        self.overlap = padded("candidate_overlap")
-        self.beam_rank = padded("candidate_beam_rank", -1)
+        self.exposure = self._padded("candidate_exposure")
+        self.overlap = self._padded("candidate_overlap")
         self.in_cluster = self.valid & (self.overlap > 0)
-        self.target = table.column("target_item_id").to_numpy().astype(np.int64)
+        self.target = table.column("target_item_id").to_numpy().astype(np.int64, copy=False)
         hl, hv = list_parts(table.column("history_item_ids"))
-        self.history = pad(hl, hv.astype(np.int64), -1, np.int64)
+        self.history = pad(hl, hv.astype(np.int64, copy=False), -1, np.int64)
         cl, cv = list_parts(table.column("cluster"))
         self.cluster = pad(cl, cv.astype(np.int64), -1, np.int64)
         self.exposure_table = table.column("exposure_table").to_numpy().astype(np.int64)
-        self.sample_ids = table.column("sample_id").to_numpy(zero_copy_only=False)
-        self.splits = table.column("split").to_numpy(zero_copy_only=False)
         self._keys: np.ndarray | None = None
         self._emb: dict | None = None
         self._extra: dict[str, np.ndarray] = {}
+        self._lazy: dict[str, np.ndarray] = {}
+
+    def _padded(self, name: str, fill=0, dtype=np.int64) -> np.ndarray:
+        _, v = list_parts(self.table.column(name))
+        return pad(self.lengths, v.astype(dtype, copy=False), fill, dtype, self.width, self._mask)
+
+    @property
+    def exposure_rank(self) -> np.ndarray:
+        if "exposure_rank" not in self._lazy:
+            self._lazy["exposure_rank"] = self._padded("candidate_exposure_rank", -1)
+        return self._lazy["exposure_rank"]
+
+    @property
+    def beam_rank(self) -> np.ndarray:
+        if "beam_rank" not in self._lazy:
+            self._lazy["beam_rank"] = self._padded("candidate_beam_rank", -1)
+        return self._lazy["beam_rank"]
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        if "sample_ids" not in self._lazy:
+            self._lazy["sample_ids"] = self.table.column("sample_id").to_numpy(zero_copy_only=False)
+        return self._lazy["sample_ids"]
+
+    @property
+    def splits(self) -> np.ndarray:
+        if "splits" not in self._lazy:
+            self._lazy["splits"] = self.table.column("split").to_numpy(zero_copy_only=False)
+        return self._lazy["splits"]
 
     def __len__(self) -> int:
         return self.size
@@ -254,7 +276,7 @@ class BatchContext:
             if name not in self.table.column_names:
                 return None
             _, v = list_parts(self.table.column(name))
-            self._extra[name] = pad(self.lengths, v.astype(np.float64), np.nan, np.float64, self.width)
+            self._extra[name] = pad(self.lengths, v.astype(np.float64), np.nan, np.float64, self.width, self._mask)
         return self._extra[name]
 
     # -- LightGCN distances ------------------------------------------------------------------------

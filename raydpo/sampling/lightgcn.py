@@ -6,10 +6,16 @@ The bipartite adjacency is symmetric-normalised, ``D^-1/2 A D^-1/2``, and held a
 CSR tensor; propagation is ``n_layers`` sparse matmuls and the final embedding is the mean of
 layers 0..L (He et al. 2020). The whole graph is propagated for every mini-batch (the gradient
 flows through it), so the default mini-batch is large (16384 positives, lr 3e-2, 30 epochs: about
-the quality of 2048 / 1e-2 / 20 epochs at a quarter of the propagations). Training is BPR with one uniform negative per positive, sampled
-vectorised and re-drawn where it hits one of the user's items (``neg_rounds`` rounds), Adam, L2
-on the batch's layer-0 rows. Everything is seeded by ``config.seed`` through torch/numpy
-generators of its own (the global RNGs are left alone).
+the quality of 2048 / 1e-2 / 20 epochs at a quarter of the propagations).
+
+Training is BPR with one uniform negative per positive, sampled vectorised and re-drawn where it
+hits one of the user's items (``neg_rounds`` rounds), Adam, L2 on the batch's layer-0 rows.
+Everything is seeded by ``config.seed`` through a torch generator of its own (the global RNGs are
+left alone), and every op is deterministic on CPU (row gathers use ``index_select``, whose
+backward is deterministic, not advanced indexing): the same config and thread count give
+bit-identical embeddings. Training uses one CPU thread by default (``threads=1``): the graphs this
+targets (up to ~100k users) gain little from more, and on a shared machine OpenMP threads
+competing with other processes made a 2-thread run 6x slower than 1 thread.
 
 ``embeddings("propagated")`` (default) is the LightGCN output; ``embeddings("layer0")`` the ego
 embeddings the reference exported (fault 11.9). Items without a training interaction have no
@@ -46,6 +52,7 @@ class LightGCNConfig:
     neg_rounds: int = 10
     seed: int = 0
     split: str = "train"
+    threads: int | None = 1  # torch CPU threads while training (None: leave torch's setting)
 
     def __post_init__(self) -> None:
         for name in ("dim", "epochs", "batch_size"):
@@ -166,9 +173,21 @@ class LightGCN:
     def fit_interactions(cls, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,
                          config: LightGCNConfig | None = None) -> "LightGCN":
         import torch
-        import torch.nn.functional as F
 
         cfg = config or LightGCNConfig()
+        old_threads = torch.get_num_threads()
+        if cfg.threads is not None:
+            torch.set_num_threads(max(1, int(cfg.threads)))
+        try:
+            return cls._fit(users, items, n_users, n_items, cfg)
+        finally:
+            torch.set_num_threads(old_threads)
+
+    @classmethod
+    def _fit(cls, users, items, n_users: int, n_items: int, cfg: LightGCNConfig) -> "LightGCN":
+        import torch
+        import torch.nn.functional as F
+
         t0 = time.perf_counter()
         users = np.asarray(users, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)

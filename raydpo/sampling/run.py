@@ -178,6 +178,9 @@ def prepare(dataset: Dataset, candidates, strategy, seed: int = 0, n_negatives: 
         raise RaydpoError(f"n_negatives must be >= 1, got {n}")
     t0 = time.perf_counter()
     if isinstance(candidates, Annotated):
+        if annotation is not None or annotate_overrides:
+            raise RaydpoError(f"the candidates are already annotated ({candidates.config}); annotation options "
+                              f"{sorted(annotate_overrides) or ['annotation']} apply to annotate()")
         ann = candidates
     else:
         ann = annotate(dataset, candidates, annotation, **annotate_overrides)
@@ -448,7 +451,8 @@ def write_output(frame: pd.DataFrame, summary: dict, out: str | Path, pairs: str
             raise RaydpoError(f"pairs must be 'first' or 'explode', got {pairs!r}")
         data = to_pairs(data, mode=pairs)
     write_preferences(data, out)
-    sp = write_json(summary_path(out), {**summary, "output": str(out), "format": f"pairs-{pairs}" if pairs else "lists"})
+    fmt = f"pairs-{pairs}" if pairs else "lists"
+    sp = write_json(summary_path(out), {**summary, "output": str(out), "format": fmt})
     return out, sp
 
 

@@ -134,7 +134,8 @@ def register_strategy(name: str, fn: Callable | None = None, *, batch: Callable 
     distances (a LightGCN is trained when none is given). ``uses_candidates=False``: the strategy
     draws from the catalog, so records without candidates are not dropped for that reason.
     ``picks``: how many negatives per n it returns (2 for a two-pick list strategy); the summary
-    counts records with fewer than ``picks * n`` negatives as short. Re-registering a name raises unless ``replace=True``.
+    counts records with fewer than ``picks * n`` negatives as short. Re-registering a name raises
+    unless ``replace=True``.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise RaydpoError(f"invalid strategy name {name!r}: use letters, digits and _ . : @ -")
@@ -262,6 +263,9 @@ def apply_strategy(strategy, batch: BatchContext, engine: str = "auto") -> tuple
         if width > picks.shape[1]:
             picks = np.concatenate([picks, np.full((B, width - picks.shape[1]), -1, np.int64)], 1)
         for i, s in zip(rows.tolist(), sels):
+            if s.negatives and min(s.negatives) < 0:
+                raise DataError(f"strategy {st.name!r} returned a negative item id {min(s.negatives)}",
+                                record=str(batch.sample_ids[i]), field="rejected_item_ids")
             picks[i] = -1
             picks[i, : len(s.negatives)] = s.negatives
             labels[i] = reason_label(s.reasons)
@@ -736,7 +740,7 @@ def _make_lgcn(name: str, anchor: str, farthest: bool, subset: str | None):
                  "no history item with an embedding: the target (``history_unseen_used_target``)")
     title = (f"LightGCN: the candidate {extreme} {'to' if extreme == 'nearest' else 'from'} the "
              f"{'target' if anchor == 'chosen' else 'history centroid'}"
-             f"{dict(out=' among out-of-cluster candidates', **{'in': ' among in-cluster candidates'}).get(subset, '')}.")
+             f"{ {'out': ' among out-of-cluster candidates', 'in': ' among in-cluster candidates'}.get(subset, '')}.")
     fn.__doc__ = _LGCN_DOC.format(title=title,
                                   anchor_text=anchor_text, extreme=extreme, subset_text=subset_text,
                                   subset_fallback=subset_fb, anchor_fallback=anchor_fb)
