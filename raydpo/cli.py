@@ -214,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .generation.cli import add_generation_parsers
     from .sampling.cli import add_sampling_parser
+    from .training.cli import add_training_parsers
 
     add_generation_parsers(sub)
     add_sampling_parser(sub)
+    add_training_parsers(sub)
 
     r = sub.add_parser("run", help="run (or resume) the whole pipeline from a YAML config",
                        description="Stages: data, sft, generate, sample, align, predict, evaluate. Finished "
