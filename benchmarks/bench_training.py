@@ -43,6 +43,8 @@ CASES = {
     "sdpo5_precomputed": ("S-DPO 5 neg, reference precomputed",
                           {"kind": "sdpo", "k": 5, "share": True, "batch": 4, "pre": True}),
     "trl_default": ("TRL DPOTrainer, default DPOConfig, raw text", {"kind": "trl_default", "k": 1, "batch": 8}),
+    "trl_default_fp32": ("TRL defaults but bf16=False (gradient checkpointing on)",
+                         {"kind": "trl_default", "k": 1, "batch": 8, "bf16": False}),
     "ours_dpo": ("raydpo DPO step (TRL, pre-tokenised, fp32, no GC)", {"kind": "dpo", "k": 1, "batch": 8}),
 }
 
@@ -106,8 +108,10 @@ def run_case(name: str, env: dict, steps: int, threads: int) -> dict:
         model, tok = load_model(env["base"])
         data = Dataset.from_list([{"prompt": render_user_message(tok, p), "chosen": c, "rejected": r[0]}
                                   for p, c, r in zip(frame["prompt"], frame["chosen"], frame["rejected"])])
+        extra = {"bf16": False} if spec.get("bf16") is False else {}
         args = DPOConfig(output_dir=str(out), use_cpu=True, per_device_train_batch_size=spec["batch"],
-                         max_steps=steps, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10**6)
+                         max_steps=steps, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=10**6,
+                         **extra)
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                              peft_config=LoraSettings().peft_config(), callbacks=[Timer()])
         setup_note = f"bf16={args.bf16}, gradient_checkpointing={args.gradient_checkpointing}, lr={args.learning_rate}"
@@ -202,6 +206,7 @@ def main() -> None:
         "dpo_precomputed_speedup": ratio("dpo_precomputed", "dpo_onthefly"),
         "sdpo_precomputed_speedup": ratio("sdpo5_precomputed", "sdpo5_onthefly"),
         "ours_vs_trl_default_speedup": ratio("ours_dpo", "trl_default"),
+        "ours_vs_trl_default_fp32_speedup": ratio("ours_dpo", "trl_default_fp32"),
     }
     print(json.dumps({k: (round(v, 2) if v else v) for k, v in summary.items()}, indent=2))
     if args.json:

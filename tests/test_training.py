@@ -114,7 +114,7 @@ def test_dsdpo_betas_use_their_own_distance_range():
     buggy = 0.1 + 0.2 * (dc - dpc.min()) / (dpc.max() - dpc.min())
     assert buggy[0] != pytest.approx(0.3) and lin[0] == pytest.approx(0.3)
     sig = losses.dsdpo_betas(dc, 0.1, 0.3, "sigmoid", temperature=0.8)
-    s = lambda x: 1 / (1 + math.exp(-(x - 0.5) / 0.8))  # noqa: E731
+    s = lambda x: 1 / (1 + math.exp(-(x - 0.5) / 0.8))
     assert sig == pytest.approx([0.1 + 0.2 * s(1.0), 0.1 + 0.2 * s(x_mid), 0.1 + 0.2 * s(0.0)])
     # equal distances: x = 0 for all; masked entries are nan and do not set the range
     eq = losses.dsdpo_betas(np.array([[1.0, 1.0, 9.0]]), 0.1, 0.3, "linear", mask=np.array([[1, 1, 0]]))
@@ -229,6 +229,10 @@ def test_sdpo_k1_equals_trl_dpo_loss_and_gradients(tdata, tmp_path):
                                 tmp_path / "b", [], ReferenceSpec())
     from raydpo.training.data import to_pairs
 
+    # TRL trains on raydpo's tokens unchanged (its own raw-text tokenisation is skipped)
+    for i, e in enumerate(ex):
+        row = t_dpo.train_dataset[i]
+        assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (e["prompt_ids"], *e["responses"])
     b_dpo = t_dpo._prepare_inputs(t_dpo.data_collator(to_pairs(ex)))
     b_sdpo = t_sdpo._prepare_inputs(t_sdpo.data_collator(ex))
     l_dpo = t_dpo.compute_loss(t_dpo.model, b_dpo)
@@ -427,7 +431,7 @@ def test_in_process_sft_dpo_sdpo_plan(tdata, tmp_path):
                 {"kind": "sft", "name": "sft", "data": tdata["data_dir"], "max_rows": 16, "epochs": 1,
                  "batch_size": 8, "learning_rate": 2e-3},
                 {"kind": "preference", "name": "dpo", "data": tdata["prefs1"], "loss": "sigmoid", "beta": 0.5,
-                 "epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "max_rows": 24},
+                 "epochs": 3, "batch_size": 8, "learning_rate": 3e-3, "max_rows": 16},
                 {"kind": "preference", "name": "sdpo", "data": tdata["prefs3"], "loss": "sdpo", "beta": 0.5,
                  "epochs": 1, "batch_size": 8, "learning_rate": 2e-3, "reference": "stage:sft", "max_rows": 16,
                  "eval_data": tdata["prefs3_eval"]},
@@ -482,6 +486,12 @@ def test_in_process_precomputed_reference_and_trl_loss_types(tdata, tmp_path):
     frame["ref_rejected_logps"] = [[x] for x in sequence_logprobs(
         model, tok, prompts, [r[0][1:-1] for r in frame["rejected"]]).tolist()]
     path = _write(frame, tmp_path / "withref.parquet")
+    from raydpo.training.reference import add_reference_columns
+
+    ours = add_reference_columns(frame.drop(columns=["ref_chosen_logps", "ref_rejected_logps"]), tdata["base"])
+    assert np.allclose(ours["ref_chosen_logps"], frame["ref_chosen_logps"], atol=1e-4)
+    assert np.allclose([r[0] for r in ours["ref_rejected_logps"]], [r[0] for r in frame["ref_rejected_logps"]],
+                       atol=1e-4)
     res = run_plan({"model": {"name_or_path": tdata["base"]}, "dataset": tdata["data_dir"],
                     "output_dir": str(tmp_path / "run"),
                     "stages": [{"kind": "preference", "name": "pre", "data": path, "reference": "precomputed",

@@ -4,7 +4,30 @@ CONFIG for ``sft`` / ``dpo``: ``model``, ``dataset``, ``output_dir``, ``ray`` an
 ``sft:`` / ``dpo:`` (the fields of SFTConfig / PreferenceConfig), or a full plan with
 ``stages:``. ``curriculum``: a Curriculum (``stages:`` list). ``sprec``: an SPRecConfig. Flags
 override the config's ``output_dir`` and ``ray`` settings. Bad input exits with status 2 and one
-line naming the file, the record and the field.
+line naming the file, the record and the field; ``--check`` only runs the checks.
+
+Examples::
+
+    # dpo.yaml                                  # curriculum.yaml
+    model: {name_or_path: tiny}                 model: {name_or_path: tiny, adapter: runs/sft/final}
+    dataset: data/synth                         dataset: data/synth
+    output_dir: runs/dpo                        output_dir: runs/two-stages
+    dpo:                                        stages:
+      data: prefs/train.parquet                   - {name: out_low, data: a.parquet, loss: sigmoid}
+      loss: sdpo          # sigmoid, ipo, ...     - {name: in_high, data: b.parquet, loss: sdpo,
+      beta: 0.1                                      reference: start}   # or initial (previous)
+      epochs: 1                                 ray: {num_workers: 2, deepspeed: zero2}
+      reference: precomputed
+    ray: {num_workers: 4, use_gpu: true, deepspeed: zero3, max_failures: 2}
+
+    # sprec.yaml
+    model: {name_or_path: tiny, adapter: runs/sft/final}
+    dataset: data/synth
+    output_dir: runs/sprec
+    iterations: 3
+    selfplay: {n_samples: 2048}
+    sft: {epochs: 1, learning_rate: 2.0e-5}
+    dpo: {loss: sigmoid, beta: 0.1, learning_rate: 2.0e-5}
 """
 
 from __future__ import annotations

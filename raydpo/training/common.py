@@ -8,13 +8,15 @@ import json
 import math
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
+from typing import Any
 
 STATE_FILE = "raydpo_state.json"
 FAIL_MARKER = ".raydpo_failure_injected"
+FAIL_DELAY_S = 5.0
 
 # names of the metrics reported each epoch (TRL's log keys -> ours)
 _METRIC_NAMES = {
@@ -328,6 +330,11 @@ def make_report_callback(ctx: WorkerContext, stage_name: str, stage_index: int, 
                 marker = ctx.run_dir / FAIL_MARKER
                 if not marker.exists():
                     marker.write_text(f"{stage_name} step {state.global_step}\n")
+                    # Ray Train's controller collects reports when it polls the workers (every 2 s):
+                    # a report made less than a poll before a crash is lost, and the run resumes
+                    # from the checkpoint before it. Wait, so the test kills a worker whose last
+                    # checkpoint Ray knows about.
+                    time.sleep(FAIL_DELAY_S)
                     os._exit(17)  # a worker dies without any cleanup, as a killed process would
 
         def on_save(self, args, state, control, **kwargs):
@@ -351,5 +358,15 @@ def copy_tree(src: Path, dst: Path, ignore: Callable | None = None) -> None:
     shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
 
 
-__all__ = ["AdapterSaveMixin", "ModelState", "STATE_FILE", "WorkerContext", "disable_dropout", "load_policy",
-           "make_report_callback", "release", "summarize_logs", "training_kwargs"]
+__all__ = [
+    "STATE_FILE",
+    "AdapterSaveMixin",
+    "ModelState",
+    "WorkerContext",
+    "disable_dropout",
+    "load_policy",
+    "make_report_callback",
+    "release",
+    "summarize_logs",
+    "training_kwargs",
+]

@@ -21,9 +21,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import RaydpoError
 
@@ -126,7 +133,7 @@ class DSDPOSettings(_Strict):
     temperature: float = Field(0.8, gt=0)
 
     @model_validator(mode="after")
-    def _range(self) -> "DSDPOSettings":
+    def _range(self) -> DSDPOSettings:
         if self.beta_max < self.beta_min:
             raise ValueError(f"beta_max ({self.beta_max}) must be >= beta_min ({self.beta_min})")
         return self
@@ -204,7 +211,7 @@ class PreferenceConfig(_TrainStage):
         return v
 
     @model_validator(mode="after")
-    def _dsdpo(self) -> "PreferenceConfig":
+    def _dsdpo(self) -> PreferenceConfig:
         if self.loss == "dsdpo" and self.dsdpo is None:
             raise ValueError("loss 'dsdpo' needs the 'dsdpo' settings (embeddings, distance, beta range)")
         if self.loss != "dsdpo" and self.dsdpo is not None:
@@ -259,7 +266,7 @@ class SelfPlayConfig(_Strict):
         return merged
 
 
-StageConfig = Annotated[Union[SFTConfig, PreferenceConfig, SelfPlayConfig], Field(discriminator="kind")]
+StageConfig = Annotated[SFTConfig | PreferenceConfig | SelfPlayConfig, Field(discriminator="kind")]
 
 
 # --- Ray Train -----------------------------------------------------------------------------------
@@ -280,7 +287,8 @@ class RayTrainSettings(_Strict):
     name: str | None = None
     max_failures: int = Field(0, ge=-1)
     checkpoint_keep: int | None = Field(2, ge=1)
-    fail_at_step: int | None = Field(None, ge=1, description="testing: kill a worker at this step, first attempt only")
+    fail_at_step: int | None = Field(None, ge=1, description="testing: kill a worker at this step (after a 5 s wait "
+                                      "so that Ray has registered its last checkpoint), first attempt only")
     fail_rank: int = Field(1, ge=0)
     torch_extensions_dir: str | None = None
 
@@ -295,7 +303,7 @@ class RayTrainSettings(_Strict):
         return str(p.resolve())
 
     @model_validator(mode="after")
-    def _local(self) -> "RayTrainSettings":
+    def _local(self) -> RayTrainSettings:
         if self.num_workers == 0 and self.deepspeed is not None:
             raise ValueError("deepspeed needs Ray Train workers (num_workers >= 1)")
         if self.fail_at_step is not None and self.num_workers == 0:
@@ -319,7 +327,7 @@ class Plan(_Strict):
     ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
 
     @model_validator(mode="after")
-    def _names(self) -> "Plan":
+    def _names(self) -> Plan:
         seen: set[str] = set()
         for i, st in enumerate(self.stages):
             if st.name is None:
@@ -387,7 +395,7 @@ class SPRecConfig(_Strict):
     ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
 
     @model_validator(mode="after")
-    def _data_free(self) -> "SPRecConfig":
+    def _data_free(self) -> SPRecConfig:
         for part in (self.sft, self.dpo):
             if part is not None and part.data is not None:
                 raise ValueError("sprec: sft/dpo take their data from the self-play step; remove 'data'")
@@ -452,7 +460,21 @@ def load_config(path: str | Path, cls=Plan):
 
 
 __all__ = [
-    "ALL_PROJECTIONS", "Curriculum", "DSDPOSettings", "LoraSettings", "ModelSettings", "OUR_LOSSES", "Plan",
-    "PreferenceConfig", "RayTrainSettings", "SFTConfig", "SPRecConfig", "SelfPlayConfig", "StageConfig",
-    "TRL_LOSSES", "build", "load_config", "load_yaml",
+    "ALL_PROJECTIONS",
+    "OUR_LOSSES",
+    "TRL_LOSSES",
+    "Curriculum",
+    "DSDPOSettings",
+    "LoraSettings",
+    "ModelSettings",
+    "Plan",
+    "PreferenceConfig",
+    "RayTrainSettings",
+    "SFTConfig",
+    "SPRecConfig",
+    "SelfPlayConfig",
+    "StageConfig",
+    "build",
+    "load_config",
+    "load_yaml",
 ]

@@ -115,6 +115,11 @@ def resolve(setting: str | None, *, micro_batch: int, grad_accum: int, world_siz
     cfg = load_user_config(setting)
     check_config(cfg, micro_batch=micro_batch, grad_accum=grad_accum, world_size=world_size,
                  where=f"{where} ({setting})", use_gpu=use_gpu)
+    if "optimizer" in cfg and not use_gpu:
+        import warnings
+
+        warnings.warn(f"{setting}: a DeepSpeed 'optimizer' section on CPU JIT-compiles cpu_adam/fused_adam on first "
+                      "use (minutes); without it the HF Trainer passes a torch AdamW", stacklevel=2)
     return copy.deepcopy(cfg)
 
 

@@ -42,8 +42,15 @@ import pandas as pd
 
 from ..errors import DataError, RaydpoError
 from ..io import atomic_path, write_json
+from .common import (
+    STATE_FILE,
+    ModelState,
+    WorkerContext,
+    load_policy,
+    make_report_callback,
+    release,
+)
 from .config import Plan, PreferenceConfig, SelfPlayConfig, SFTConfig, build
-from .common import STATE_FILE, ModelState, WorkerContext, load_policy, make_report_callback, release
 
 log = logging.getLogger(__name__)
 
@@ -524,7 +531,10 @@ def run_plan(plan: Plan | dict) -> TrainResult:
         if r.use_gpu:
             resources["GPU"] = 1
         name = r.name or f"raydpo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        storage = Path(r.storage_path).expanduser().resolve() if r.storage_path else run_dir / "ray"
+        if r.storage_path and "://" in r.storage_path:
+            storage = r.storage_path  # s3://, gs://, ...: shared storage for a multi-node cluster
+        else:
+            storage = Path(r.storage_path).expanduser().resolve() if r.storage_path else run_dir / "ray"
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=cfg,

@@ -13,8 +13,9 @@ The policy is always ``base + LoRA adapter "default"``. The reference is one of
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from ..errors import RaydpoError
 
@@ -134,4 +135,35 @@ def precompute_logps(model, examples: list[dict[str, Any]], *, pad_token_id: int
     return [out[i] for i in range(len(examples))]
 
 
-__all__ = ["REF_ADAPTER", "ReferenceSpec", "attach", "detach", "precompute_logps", "reference_mode", "resolve"]
+def add_reference_columns(frame, model_name_or_path: str, *, adapter: str | None = None, batch_size: int = 16,
+                          device: str = "auto", max_length: int = 4096):
+    """``frame`` (preference rows) with ``ref_chosen_logps`` and ``ref_rejected_logps`` computed
+    by ``model_name_or_path`` (+ ``adapter``), e.g. the SFT model, once and offline: a stage with
+    ``reference: precomputed`` then runs no reference pass. The numbers are raydpo's
+    tokenisation (the same as :func:`raydpo.models.sequence_logprobs`)."""
+    import torch
+
+    from ..models import load_model
+    from .data import PackedCollator, packed_logps, tokenize_frame
+
+    model, tok = load_model(model_name_or_path, adapter=adapter, device=device)
+    frame = frame.copy()
+    frame["rejected"] = [[r] if isinstance(r, str) else list(r) for r in frame["rejected"]]
+    examples = tokenize_frame(frame.drop(columns=[c for c in ("ref_chosen_logps", "ref_rejected_logps", "betas")
+                                                  if c in frame.columns]), tok, max_length=max_length)
+    collate = PackedCollator(tok.pad_token_id, share_prompt=True)
+    dev = next(model.parameters()).device
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            part = examples[s : s + batch_size]
+            batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in collate(part).items()}
+            lp = packed_logps(model, batch).cpu()
+            out.extend(lp[i, : len(e["responses"])].tolist() for i, e in enumerate(part))
+    frame["ref_chosen_logps"] = [o[0] for o in out]
+    frame["ref_rejected_logps"] = [o[1:] for o in out]
+    return frame
+
+
+__all__ = ["REF_ADAPTER", "ReferenceSpec", "add_reference_columns", "attach", "detach", "precompute_logps",
+           "reference_mode", "resolve"]
