@@ -316,8 +316,20 @@ class RayTrainSettings(_Strict):
 # --- plans and front ends ------------------------------------------------------------------------
 
 
+def _default_kind(data: Any) -> Any:
+    """A stage without ``kind`` is a preference stage."""
+    if isinstance(data, dict) and isinstance(data.get("stages"), list):
+        data = dict(data)
+        data["stages"] = [{**st, "kind": st.get("kind", "preference")} if isinstance(st, dict) else st
+                          for st in data["stages"]]
+    return data
+
+
 class Plan(_Strict):
-    """A starting model, stages run in order, and how to run them."""
+    """A starting model, stages run in order, and how to run them (a stage without ``kind`` is a
+    preference stage)."""
+
+    _kind = model_validator(mode="before")(_default_kind)
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     dataset: str | None = Field(None, description="raydpo dataset folder: the catalog (tiny model, self-play, "
@@ -373,6 +385,8 @@ class Curriculum(_Strict):
     output_dir: str
     stages: list[StageConfig] = Field(..., min_length=1)
     ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
+
+    _kind = model_validator(mode="before")(_default_kind)
 
     def to_plan(self) -> Plan:
         return Plan(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
