@@ -124,6 +124,8 @@ class AlignmentSection(Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)
     reference: Literal["adapter_disabled", "precomputed", "previous_stage", "sft"] = "adapter_disabled"
+    # DS-DPO settings (raydpo.training.config.DSDPOSettings): embeddings, distance, beta_min, ...
+    dsdpo: dict[str, Any] = {"embeddings": "minilm-onnx"}
     stages: list[StageSection] = []  # a curriculum; empty = one stage from the fields above
     seed: int = 0
 

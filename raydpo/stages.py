@@ -111,7 +111,7 @@ def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Pat
             loss=loss, beta=st.beta if st else a.beta, epochs=st.epochs if st else a.epochs,
             learning_rate=(st.learning_rate if st and st.learning_rate else a.learning_rate),
             batch_size=a.batch_size, grad_accum=a.grad_accum, max_length=a.max_length, seed=a.seed,
-            reference=REFERENCE[a.reference], pairs="first" if loss not in ("sdpo", "dsdpo") else "first"))
+            reference=REFERENCE[a.reference], dsdpo=a.dsdpo if loss == "dsdpo" else None))
     adapter = sft_dir / "adapter"
     model = ModelSettings(name_or_path=str(sft_dir / "model") if (sft_dir / "model").exists() else cfg.model.name_or_path,
                           adapter=str(adapter) if adapter.exists() else None, dtype=cfg.model.dtype)
