@@ -14,12 +14,8 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+def ray_session(ray_local):  # the session-wide local Ray of conftest.py
+    yield ray_local
 
 
 @pytest.fixture(scope="module")
