@@ -65,8 +65,13 @@ def encode_response(tokenizer, title: str) -> list[int]:
     Every stage tokenises prompt and response separately and concatenates the ids, so a title
     has the same tokens in SFT, in the candidate trie, in DPO and at prediction time.
     """
+    return encode_response_text(tokenizer, response_text(title))
+
+
+def encode_response_text(tokenizer, text: str) -> list[int]:
+    """A response text (e.g. ``'"Title"'``) tokenised on its own, then the real EOS id."""
     if tokenizer.eos_token_id is None:
         from .errors import RaydpoError
 
         raise RaydpoError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
-    return tokenizer(response_text(title), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, RaydpoError
-from ..prompt import encode_prompt, render_user_message, response_text, user_message
+from ..prompt import encode_prompt, encode_response_text, render_user_message, response_text, user_message
 
 REF_CHOSEN = "ref_chosen_logps"
 REF_REJECTED = "ref_rejected_logps"
@@ -124,9 +124,7 @@ def prompt_token_ids(tokenizer, message: str) -> list[int]:
 def response_token_ids(tokenizer, text: str) -> list[int]:
     """A response text (``'"Title"'``) tokenised on its own, then the real EOS id: for
     ``text = response_text(title)`` this is :func:`raydpo.prompt.encode_response`."""
-    if tokenizer.eos_token_id is None:
-        raise RaydpoError("tokenizer has no EOS token")
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return encode_response_text(tokenizer, text)
 
 
 def _encode_many(tokenizer, texts: Sequence[str], fn) -> dict[str, list[int]]:
