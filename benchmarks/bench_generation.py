@@ -2,13 +2,15 @@
 
 Reference setting (method.md section 3): transformers' beam search with a
 ``prefix_allowed_tokens_fn`` that, per beam and per step, scans the sequence for the response
-start and walks a Python trie from the root; batch size 1. Ours: the compiled trie (a few
-batched tensor ops per step), our beam search with one prompt pass per prompt and an in-place
-beam cache, batched prompts. Same model, prompts, number of beams and returned candidates.
-Also measured: the share of our decode time spent in the constraint (trie masks and steps).
+start and walks a Python trie from the root; batch size 1. Ours: the compiled trie (candidates
+are the allowed edges, found by a few batched tensor ops per step), our beam search with one
+prompt pass per prompt (a prefix common to the batch once), prompt-shared attention during
+decoding, finished prompts leaving the batch, prompts batched by length. Same model, prompts,
+number of beams and returned candidates. Rounds are interleaved and medians reported. Also
+measured: the share of our decode time spent in the constraint (trie masks and steps).
 
-    python benchmarks/bench_generation.py --model tiny --prompts 32 --ref-prompts 8
-    python benchmarks/bench_generation.py --model smollm2-135m --prompts 8 --ref-prompts 2
+    python benchmarks/bench_generation.py --model tiny --prompts 64 --ref-prompts 8 --batch 64 --ablation
+    python benchmarks/bench_generation.py --model smollm2-135m --prompts 16 --ref-prompts 2 --batch 16
     python benchmarks/bench_generation.py --ray   # Ray Data rows/s with 1 and 2 actors
     python benchmarks/bench_generation.py --model smollm2-1.7b-random --prompts 64 --ref-prompts 4 --batch 64  # GPU
 """
@@ -16,6 +18,7 @@ Also measured: the share of our decode time spent in the constraint (trie masks 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -77,7 +80,7 @@ class TimedTrie:
 
     def __getattr__(self, name):
         attr = getattr(self.trie, name)
-        if name not in ("allowed_mask", "step", "exclusion_index"):
+        if name not in ("allowed_mask", "allowed_edges", "step", "exclusion_index"):
             return attr
 
         def timed(*a, **k):
@@ -88,14 +91,27 @@ class TimedTrie:
         return timed
 
 
-def ours(model, tok, prompts, trie, num_beams, batch):
+def ours(model, tok, prompts, trie, num_beams, batch, **options):
+    """Our path as ``raydpo generate`` runs it: prompts batched by token length, one
+    ``beam_search`` call per batch."""
     n = 0
     timed = TimedTrie(trie)
+    lengths = [len(x) for x in tok(prompts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
     for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = beam_search(model, enc.input_ids, enc.attention_mask, timed, num_beams, num_beams)
+        part = [prompts[j] for j in order[i:i + batch]]
+        enc = tok(part, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = beam_search(model, enc.input_ids, enc.attention_mask, timed, num_beams, num_beams, **options)
         n += out.items.numel()
     return n, timed.seconds
+
+
+# the steps of our path, each added to the previous one (``--ablation``)
+ABLATION = {
+    "batched, per-beam prompt (as transformers)": {"shared_prefill": False},
+    "+ one prompt pass per prompt, in-place beam cache": {"shared_prefill": True, "shared_attention": False},
+    "+ prompt-shared attention, shared prefix, finished prompts leave": {"shared_attention": True},
+}
 
 
 def random_smollm2_1_7b(device):
@@ -130,18 +146,38 @@ def bench_decoding(args):
           f"{len(ds.catalog)} titles, trie {trie.n_nodes} nodes / depth {trie.max_depth}, {args.beams} beams, "
           f"torch threads {torch.get_num_threads()}")
     ours(model, tok, prompts[:2], trie, args.beams, 2)  # warm-up
-    t0 = time.perf_counter()
-    n_ref = reference_candidates(model, tok, prompts[: args.ref_prompts], ds.catalog.titles, args.beams,
-                                 trie.max_depth)
-    ref_rate = n_ref / (time.perf_counter() - t0)
-    print(f"reference (batch 1, per-beam Python trie walk): {ref_rate:.2f} candidates/s "
-          f"({args.ref_prompts} prompts)")
-    for batch in (1, args.batch):
+    ref_prompts = prompts[: args.ref_prompts]
+    rates: dict[str, list[float]] = {}
+    shares: dict[str, list[float]] = {}
+
+    def measure(name, fn):
         t0 = time.perf_counter()
-        n, trie_s = ours(model, tok, prompts, trie, args.beams, batch)
+        n, trie_s = fn()
         total = time.perf_counter() - t0
-        print(f"raydpo batch {batch:>3}: {n / total:.2f} candidates/s -> {n / total / ref_rate:.1f}x reference; "
-              f"constraint {100 * trie_s / total:.1f}% of decode time")
+        rates.setdefault(name, []).append(n / total)
+        shares.setdefault(name, []).append(trie_s / total)
+
+    ref = "reference (batch 1, per-beam Python trie walk)"
+    b1, bn = "raydpo batch 1", f"raydpo batch {args.batch}"
+    for r in range(args.repeats):  # interleaved rounds: load changes hit every setting alike
+        measure(ref, lambda: (reference_candidates(model, tok, ref_prompts, ds.catalog.titles, args.beams,
+                                                   trie.max_depth), 0.0))
+        measure(b1, lambda: ours(model, tok, ref_prompts, trie, args.beams, 1))
+        measure(bn, lambda: ours(model, tok, prompts, trie, args.beams, args.batch))
+        if args.ablation:
+            for name, options in ABLATION.items():
+                measure(f"batch {args.batch}: {name}",
+                        lambda o=options: ours(model, tok, prompts, trie, args.beams, args.batch, **o))
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{k.split(' (')[0]} {v[-1]:.1f}"
+                                                          for k, v in rates.items()), flush=True)
+    base = statistics.median(rates[ref])
+    print(f"candidates/s, median of {args.repeats} interleaved rounds (best in brackets); speed-up = "
+          f"median / reference median; constraint = share of decode time in trie masks and steps")
+    for name, v in rates.items():
+        med = statistics.median(v)
+        extra = "" if name == ref else (f" -> {med / base:.1f}x reference; constraint "
+                                        f"{100 * statistics.median(shares[name]):.1f}% of decode time")
+        print(f"  {name}: {med:.2f} ({max(v):.2f}){extra}")
 
 
 def bench_ray(args):
@@ -170,6 +206,8 @@ def main():
     ap.add_argument("--ref-prompts", type=int, default=8)
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved measurement rounds")
+    ap.add_argument("--ablation", action="store_true", help="also time each step of our path on its own")
     ap.add_argument("--ray", action="store_true", help="measure Ray Data scaling instead")
     ap.add_argument("--ray-rows", type=int, default=128)
     args = ap.parse_args()

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -99,6 +100,12 @@ class CandidateGenerator:
     def prompts(self, frame: pd.DataFrame) -> list[str]:
         return [render_prompt(self.tokenizer, list(h), self.instruction) for h in frame["history_titles"]]
 
+    def _batches(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        """Positions of the frame's rows in batches of similar prompt length (less padding)."""
+        lengths = [len(x) for x in self.tokenizer(self.prompts(frame), add_special_tokens=False)["input_ids"]]
+        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        return [order[i : i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+
     def _encode(self, prompts: list[str], sample_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         from ..models import check_prompt_lengths
 
@@ -141,9 +148,9 @@ class CandidateGenerator:
         if self.trie is None:
             raise RaydpoError("candidates need the trie constraint (decode.constrained: true)")
         c = self.config
-        rows = []
-        for start in range(0, len(frame), c.batch_size):
-            part = frame.iloc[start : start + c.batch_size]
+        rows = [None] * len(frame)
+        for pos in self._batches(frame):
+            part = frame.iloc[pos]
             prompts = self.prompts(part)
             ids, mask = self._encode(prompts, part["sample_id"])
             ex = self._exclusions(part)
@@ -167,9 +174,9 @@ class CandidateGenerator:
                     ci.append(item)
                     cl.append(lp)
                     cs.append(sc)
-                rows.append({"sample_id": sid, "prompt": prompts[j], "candidate_item_ids": ci,
-                             "candidate_titles": [self.catalog.titles[i] for i in ci],
-                             "candidate_logprobs": cl, "candidate_scores": cs})
+                rows[pos[j]] = {"sample_id": sid, "prompt": prompts[j], "candidate_item_ids": ci,
+                                "candidate_titles": [self.catalog.titles[i] for i in ci],
+                                "candidate_logprobs": cl, "candidate_scores": cs}
         result = pd.DataFrame(rows)
         if c.reference_logprobs:
             result["candidate_ref_logprobs"] = self.reference_logprobs(result)
@@ -223,9 +230,9 @@ class CandidateGenerator:
     def predictions(self, frame: pd.DataFrame) -> list[dict]:
         """Published-format rows. Free greedy generation when unconstrained, else the top beam."""
         c = self.config
-        out_rows = []
-        for start in range(0, len(frame), c.batch_size):
-            part = frame.iloc[start : start + c.batch_size]
+        out_rows = [None] * len(frame)
+        for pos in self._batches(frame):
+            part = frame.iloc[pos]
             prompts = self.prompts(part)
             ids, mask = self._encode(prompts, part["sample_id"])
             if self.trie is None:
@@ -243,6 +250,6 @@ class CandidateGenerator:
                                   pad_token_id=self.tokenizer.pad_token_id, exclusions=ex,
                                   shared_prefill=c.shared_prefill)
                 texts = self.tokenizer.batch_decode(out.sequences[:, 0], skip_special_tokens=True)
-            for p, text, gt in zip(prompts, texts, part["target_title"]):
-                out_rows.append({"prompt": p, "prediction": text.strip(), "ground_truth": gt})
+            for j, (p, text, gt) in enumerate(zip(prompts, texts, part["target_title"])):
+                out_rows[pos[j]] = {"prompt": p, "prediction": text.strip(), "ground_truth": gt}
         return out_rows

@@ -19,13 +19,16 @@ sampling); it recovers each row's state from its parent row of the previous step
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from transformers import LogitsProcessor
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .beam_cache import BeamCache
+from .shared_attention import SharedPromptCache, prefill, shared_prompt_attention, supports_shared_prompt
 from .trie import OFF, TitleTrie
 
 NEG = -1.0e9
@@ -60,12 +63,16 @@ def beam_search(
     pad_token_id: int | None = None,
     exclusions: Sequence[Sequence[int]] | None = None,
     shared_prefill: bool = True,
+    shared_attention: bool | None = None,
 ) -> BeamOutput:
     """Constrained (group) beam search over a left-padded batch of prompts.
 
     ``shared_prefill`` runs the prompt once per prompt instead of once per beam (as
-    transformers does) and decodes with a :class:`BeamCache` (in-place writes, the prompt is
-    never copied again): ``num_beams`` times less prompt work and no per-step cache copies.
+    transformers does): ``num_beams`` times less prompt work. The decode steps then use
+    ``shared_attention`` (default: where the model supports it): the prompt's keys and values
+    stay stored once per prompt and all its beams attend to them with one matrix product
+    (:mod:`.shared_attention`); otherwise a :class:`BeamCache` repeats them per beam but writes
+    in place and never copies the prompt again.
     """
     if num_beams % num_groups:
         raise ValueError(f"num_beams ({num_beams}) must be divisible by num_groups ({num_groups})")
@@ -103,8 +110,21 @@ def beam_search(
     unsatisfied = torch.ones((b, g), dtype=torch.bool, device=dev)
     top_mask = torch.cat([torch.ones(gs, dtype=torch.bool), torch.zeros(keep - gs, dtype=torch.bool)]).to(dev)
     gofs = (torch.arange(g, device=dev) * gs).view(1, g, 1)
+    n_prompts, act = b, torch.arange(b, device=dev)  # prompts still searching (they shrink the batch)
+    out_fin = _Finished(fin_seq, fin_score, fin_raw, fin_valid, fin_done)
 
-    if shared_prefill:
+    if shared_attention is None:
+        shared_attention = shared_prefill and supports_shared_prompt(model)
+    if shared_attention and not shared_prefill:
+        raise ValueError("shared_attention needs shared_prefill")
+    step_kwargs = {}
+    if shared_attention:
+        # one pass per prompt (a prefix common to all prompts once), the cache keeps it once
+        logits, prompt_cache, prompt_mask = prefill(model, input_ids, attention_mask)
+        out = CausalLMOutputWithPast(logits=logits.repeat_interleave(nb, dim=0))
+        cache = SharedPromptCache(prompt_cache, prompt_mask, nb, max_new_tokens)
+        step_kwargs["shared_prompt"] = cache
+    elif shared_prefill:
         # one forward pass per prompt, then the cache and logits are copied to every beam
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
                     use_cache=True, logits_to_keep=1)
@@ -113,80 +133,101 @@ def beam_search(
     else:
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         cache = out.cache
-    for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()
-        vocab = logits.shape[-1]
-        logp = torch.log_softmax(logits, dim=-1)
-        if trie is not None:
-            allowed = trie.allowed_mask(run_state.view(-1), vocab, rows=rows, exclusions=ex, done_token_id=eos)
-            logp = logp.masked_fill(~allowed, float("-inf"))
-        logp = logp.view(b, g, gs, vocab)
-        hits_all = []
-        new_tok = torch.empty((b, g, gs), dtype=torch.long, device=dev)
-        new_src = torch.empty((b, g, gs), dtype=torch.long, device=dev)
-        new_score = torch.empty((b, g, gs), device=dev)
-        new_raw = torch.empty((b, g, gs), device=dev)
-        used = torch.zeros((b, vocab), device=dev)
-        for gi in range(g):
-            lp = logp[:, gi]
-            if gi and diversity_penalty:
-                lp = lp - diversity_penalty * used[:, None, :]
-            acc = (lp + run_score.view(b, g, gs)[:, gi, :, None]).reshape(b, gs * vocab)
-            top_lp, top_idx = torch.topk(acc, keep)
-            src, tok = top_idx // vocab, top_idx % vocab
-            raw = (logp[:, gi] + run_raw.view(b, g, gs)[:, gi, :, None]).reshape(b, gs * vocab).gather(1, top_idx)
-            hits = (tok == eos) | (t + 1 >= max_new_tokens)
-            hits_all.append(hits)
-            # running beams for the next step: the best non-finished continuations
-            nxt = torch.topk(top_lp + hits.float() * NEG, gs).indices
-            new_tok[:, gi] = tok.gather(1, nxt)
-            new_src[:, gi] = src.gather(1, nxt)
-            new_score[:, gi] = (top_lp + hits.float() * NEG).gather(1, nxt)
-            new_raw[:, gi] = raw.gather(1, nxt)
-            used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
-            # finished hypotheses: merge the newly finished top-gs candidates
-            just = hits & top_mask[None, :]
-            cand = top_lp / ((t + 1) ** length_penalty)
-            cand = cand + (~unsatisfied[:, gi, None]).float() * NEG + (~just).float() * NEG
-            cand_seq = run_seq.view(b, g, gs, -1)[:, gi].gather(
-                1, src[:, :, None].expand(-1, -1, max_new_tokens)).clone()
-            cand_seq[:, :, t] = tok
-            m_score = torch.cat([fin_score[:, gi], cand], 1)
-            m_seq = torch.cat([fin_seq[:, gi], cand_seq], 1)
-            m_raw = torch.cat([fin_raw[:, gi], raw], 1)
-            # a candidate that extends a finished beam kept running for lack of valid ones
-            # carries the -1e9 offset: it is bookkept like transformers does but never returned
-            m_valid = torch.cat([fin_valid[:, gi], top_lp > NEG / 2], 1)
-            m_done = torch.cat([fin_done[:, gi], just], 1)
-            best = torch.topk(m_score, gs).indices
-            fin_score[:, gi] = m_score.gather(1, best)
-            fin_seq[:, gi] = m_seq.gather(1, best[:, :, None].expand(-1, -1, max_new_tokens))
-            fin_raw[:, gi] = m_raw.gather(1, best)
-            fin_valid[:, gi] = m_valid.gather(1, best)
-            fin_done[:, gi] = m_done.gather(1, best)
-        # reorder beams: global source index of each new running beam
-        src_flat = (new_src + gofs).view(b, nb)
-        beam_idx = (src_flat + torch.arange(b, device=dev)[:, None] * nb).view(-1)
-        run_seq = run_seq.gather(1, src_flat[:, :, None].expand(-1, -1, max_new_tokens)).clone()
-        tok_flat = new_tok.view(b, nb)
-        run_seq[:, :, t] = tok_flat
-        run_score = new_score.view(b, nb)
-        run_raw = new_raw.view(b, nb)
-        if trie is not None:
-            run_state = trie.step(run_state.gather(1, src_flat).view(-1), tok_flat.view(-1)).view(b, nb)
-        cur = t + 1
-        best_run = run_score.view(b, g, gs)[:, :, :1] / (cur ** length_penalty)
-        worst = torch.where(fin_done, fin_score.min(dim=2, keepdim=True).values, torch.full_like(fin_score, NEG))
-        unsatisfied = unsatisfied & (best_run > worst).any(dim=2)
-        all_hit = torch.stack(hits_all, 1).all()
-        if not bool(unsatisfied.any()) or bool(all_hit) or cur >= max_new_tokens:
-            break
-        cache.reorder_cache(beam_idx)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=tok_flat.view(-1, 1), attention_mask=mask, position_ids=pos,
-                    cache=cache, use_cache=True)
+    with shared_prompt_attention(model) if shared_attention else nullcontext():
+        for t in range(max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            vocab = logits.shape[-1]
+            if trie is not None:
+                cands = _SparseCandidates(logits, trie, run_state.view(-1), rows, ex, eos, b, g, gs, keep,
+                                          run_score, run_raw)
+            else:
+                cands = _DenseCandidates(logits, b, g, gs, keep, run_score, run_raw)
+            hits_all = []
+            new_tok = torch.empty((b, g, gs), dtype=torch.long, device=dev)
+            new_src = torch.empty((b, g, gs), dtype=torch.long, device=dev)
+            new_score = torch.empty((b, g, gs), device=dev)
+            new_raw = torch.empty((b, g, gs), device=dev)
+            used = torch.zeros((b, vocab), device=dev)
+            for gi in range(g):
+                top_lp, tok, src, raw = cands.top(gi, used if gi and diversity_penalty else None, diversity_penalty)
+                hits = (tok == eos) | (t + 1 >= max_new_tokens)
+                hits_all.append(hits)
+                # running beams for the next step: the best non-finished continuations
+                nxt = torch.topk(top_lp + hits.float() * NEG, gs).indices
+                new_tok[:, gi] = tok.gather(1, nxt)
+                new_src[:, gi] = src.gather(1, nxt)
+                new_score[:, gi] = (top_lp + hits.float() * NEG).gather(1, nxt)
+                new_raw[:, gi] = raw.gather(1, nxt)
+                used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
+                # finished hypotheses: merge the newly finished top-gs candidates
+                just = hits & top_mask[None, :]
+                cand = top_lp / ((t + 1) ** length_penalty)
+                cand = cand + (~unsatisfied[:, gi, None]).float() * NEG + (~just).float() * NEG
+                cand_seq = run_seq.view(b, g, gs, -1)[:, gi].gather(
+                    1, src[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+                cand_seq[:, :, t] = tok
+                m_score = torch.cat([fin_score[:, gi], cand], 1)
+                m_seq = torch.cat([fin_seq[:, gi], cand_seq], 1)
+                m_raw = torch.cat([fin_raw[:, gi], raw], 1)
+                # a candidate that extends a finished beam kept running for lack of valid ones
+                # carries the -1e9 offset: it is bookkept like transformers does but never returned
+                m_valid = torch.cat([fin_valid[:, gi], top_lp > NEG / 2], 1)
+                m_done = torch.cat([fin_done[:, gi], just], 1)
+                best = torch.topk(m_score, gs).indices
+                fin_score[:, gi] = m_score.gather(1, best)
+                fin_seq[:, gi] = m_seq.gather(1, best[:, :, None].expand(-1, -1, max_new_tokens))
+                fin_raw[:, gi] = m_raw.gather(1, best)
+                fin_valid[:, gi] = m_valid.gather(1, best)
+                fin_done[:, gi] = m_done.gather(1, best)
+            # reorder beams: global source index of each new running beam
+            src_flat = (new_src + gofs).view(b, nb)
+            beam_idx = (src_flat + torch.arange(b, device=dev)[:, None] * nb).view(-1)
+            run_seq = run_seq.gather(1, src_flat[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+            tok_flat = new_tok.view(b, nb)
+            run_seq[:, :, t] = tok_flat
+            run_score = new_score.view(b, nb)
+            run_raw = new_raw.view(b, nb)
+            if trie is not None:
+                run_state = trie.step(run_state.gather(1, src_flat).view(-1), tok_flat.view(-1)).view(b, nb)
+            cur = t + 1
+            best_run = run_score.view(b, g, gs)[:, :, :1] / (cur ** length_penalty)
+            worst = torch.where(fin_done, fin_score.min(dim=2, keepdim=True).values, torch.full_like(fin_score, NEG))
+            unsatisfied = unsatisfied & (best_run > worst).any(dim=2)
+            all_hit = torch.stack(hits_all, 1).all()
+            if not bool(unsatisfied.any()) or bool(all_hit) or cur >= max_new_tokens:
+                break
+            live = unsatisfied.any(1)
+            if shared_attention and not bool(live.all()):
+                # drop the prompts whose search is over (their finished beams can no longer
+                # change): they leave the batch, so later steps compute only live beams
+                kept = live.nonzero().squeeze(1)
+                out_fin.flush(act, (~live).nonzero().squeeze(1), fin_seq, fin_score, fin_raw, fin_valid, fin_done)
+                act, b = act[kept], kept.numel()
+                run_seq, run_score, run_raw, run_state = run_seq[kept], run_score[kept], run_raw[kept], run_state[kept]
+                fin_seq, fin_score, fin_raw = fin_seq[kept], fin_score[kept], fin_raw[kept]
+                fin_valid, fin_done, unsatisfied = fin_valid[kept], fin_done[kept], unsatisfied[kept]
+                tok_flat, src_flat = tok_flat[kept], src_flat[kept]
+                beam_idx = (src_flat + torch.arange(b, device=dev)[:, None] * nb).view(-1)
+                pos = pos.view(-1, nb, 1)[kept].view(-1, 1)
+                rows = act.repeat_interleave(nb)
+                cache.select_prompts(kept)
+            cache.reorder_cache(beam_idx)
+            pos = pos[:, -1:] + 1
+            if shared_attention:  # the prompt mask lives in the cache
+                out = model(input_ids=tok_flat.view(-1, 1), position_ids=pos, cache=cache, use_cache=True,
+                            **step_kwargs)
+                if cache.calls != len(cache.layers):
+                    raise RuntimeError(f"{type(model).__name__}: only {cache.calls} of {len(cache.layers)} attention "
+                                       "layers used shared-prompt attention; pass shared_attention=False")
+                cache.calls = 0
+            else:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+                out = model(input_ids=tok_flat.view(-1, 1), attention_mask=mask, position_ids=pos,
+                            cache=cache, use_cache=True)
 
+    out_fin.flush(act, torch.arange(b, device=dev), fin_seq, fin_score, fin_raw, fin_valid, fin_done)
+    fin_seq, fin_score, fin_raw, fin_valid, fin_done = out_fin.tensors
+    b = n_prompts
     score = fin_score.view(b, nb)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
     seqs = fin_seq.view(b, nb, max_new_tokens).gather(1, order[:, :, None].expand(-1, -1, max_new_tokens))
@@ -195,6 +236,77 @@ def beam_search(
     valid = fin_valid.view(b, nb).gather(1, order) & fin_done.view(b, nb).gather(1, order)
     items = torch.where(valid, items, torch.full_like(items, -1))
     return BeamOutput(seqs, score.gather(1, order), fin_raw.view(b, nb).gather(1, order), items)
+
+
+class _Finished:
+    """The finished hypotheses of every prompt, filled as prompts leave the batch."""
+
+    def __init__(self, *like: torch.Tensor) -> None:
+        self.tensors = [t.clone() for t in like]
+
+    def flush(self, act: torch.Tensor, local: torch.Tensor, *fin: torch.Tensor) -> None:
+        for dst, src in zip(self.tensors, fin):
+            dst[act[local]] = src[local]
+
+
+class _DenseCandidates:
+    """Continuations over the whole vocabulary (unconstrained beam search)."""
+
+    def __init__(self, logits, b, g, gs, keep, run_score, run_raw) -> None:
+        self.vocab = logits.shape[-1]
+        self.logp = torch.log_softmax(logits, dim=-1).view(b, g, gs, self.vocab)
+        self.b, self.gs, self.keep = b, gs, keep
+        self.run_score, self.run_raw = run_score.view(b, g, gs), run_raw.view(b, g, gs)
+
+    def top(self, gi: int, used: torch.Tensor | None, penalty: float):
+        """Top ``keep`` (score, token, source beam, true log-prob sum) of group ``gi`` per prompt."""
+        b, gs, vocab = self.b, self.gs, self.vocab
+        lp = self.logp[:, gi]
+        if used is not None:
+            lp = lp - penalty * used[:, None, :]
+        acc = (lp + self.run_score[:, gi, :, None]).reshape(b, gs * vocab)
+        top_lp, top_idx = torch.topk(acc, self.keep)
+        src, tok = top_idx // vocab, top_idx % vocab
+        raw = self.logp[:, gi].reshape(b, gs * vocab).gather(1, top_idx) + self.run_raw[:, gi].gather(1, src)
+        return top_lp, tok, src, raw
+
+
+class _SparseCandidates:
+    """Continuations along the trie's allowed edges only.
+
+    The log-softmax normaliser needs the whole vocabulary (one ``logsumexp`` per beam), but the
+    candidates are only the allowed edges: a few per beam, instead of the vocabulary masked to
+    ``-inf``. Edges are laid out per (prompt, group) in beam-then-token order, the order of the
+    dense ``[beams * vocab]`` layout, padded with ``-inf`` to at least ``keep`` entries.
+    """
+
+    def __init__(self, logits, trie, states, rows, ex, eos, b, g, gs, keep, run_score, run_raw) -> None:
+        dev = logits.device
+        nb = g * gs
+        e_beam, e_tok = trie.allowed_edges(states, logits.shape[-1], rows=rows, exclusions=ex, done_token_id=eos)
+        e_lp = logits[e_beam, e_tok] - torch.logsumexp(logits, dim=-1)[e_beam]
+        pg = e_beam // gs  # (prompt, group) of each edge: beams are prompt-major, then group
+        counts = torch.bincount(pg, minlength=b * g)
+        slot = torch.arange(len(pg), device=dev) - (counts.cumsum(0) - counts)[pg]
+        width = max(int(counts.max()) if len(counts) else 0, keep)
+        self.score = torch.full((b * g, width), float("-inf"), device=dev)
+        self.score[pg, slot] = e_lp + run_score.view(-1)[e_beam]
+        self.raw = torch.full((b * g, width), float("-inf"), device=dev)
+        self.raw[pg, slot] = e_lp + run_raw.view(-1)[e_beam]
+        self.tok = torch.full((b * g, width), eos, dtype=torch.long, device=dev)
+        self.tok[pg, slot] = e_tok
+        self.src = torch.zeros((b * g, width), dtype=torch.long, device=dev)
+        self.src[pg, slot] = e_beam % gs
+        self.b, self.g, self.keep = b, g, keep
+        for name in ("score", "raw", "tok", "src"):
+            setattr(self, name, getattr(self, name).view(b, g, width))
+
+    def top(self, gi: int, used: torch.Tensor | None, penalty: float):
+        acc = self.score[:, gi]
+        if used is not None:
+            acc = acc - penalty * used.gather(1, self.tok[:, gi])
+        top_lp, pos = torch.topk(acc, self.keep)
+        return top_lp, self.tok[:, gi].gather(1, pos), self.src[:, gi].gather(1, pos), self.raw[:, gi].gather(1, pos)
 
 
 def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:

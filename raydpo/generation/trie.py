@@ -168,6 +168,51 @@ class TitleTrie:
         vals = torch.tensor([counts[int(k)] for k in keys], dtype=torch.long, device=self.node_ptr.device)
         return keys, vals
 
+    def allowed_edges(
+        self,
+        states: torch.Tensor,
+        vocab_size: int,
+        rows: torch.Tensor | None = None,
+        exclusions: tuple[torch.Tensor, torch.Tensor] | None = None,
+        done_token_id: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allowed (state index, token) pairs, sorted by state index then token.
+
+        ``rows`` maps each state to its exclusion row (the prompt it belongs to). States with no
+        allowed continuation (after EOS, or off the trie) may emit only ``done_token_id`` (the
+        pad/EOS token), so that samplers never see an all-masked row.
+        """
+        b = states.shape[0]
+        dev = states.device
+        s = states.clamp(min=0)
+        start = self.node_ptr[s]
+        count = torch.where(states >= 0, self.node_ptr[s + 1] - start, torch.zeros_like(start))
+        total = int(count.sum())
+        beam = torch.repeat_interleave(torch.arange(b, device=dev), count)
+        offs = torch.cumsum(count, 0) - count
+        edge = start[beam] + torch.arange(total, device=dev) - offs[beam]
+        tok, child = self.edge_tok[edge], self.edge_child[edge]
+        keep = tok < vocab_size
+        if exclusions is not None and len(exclusions[0]) and total:
+            ex_keys, ex_vals = exclusions
+            r = rows[beam] if rows is not None else beam
+            k = r * self.n_nodes + child
+            pos = torch.searchsorted(ex_keys, k).clamp(max=len(ex_keys) - 1)
+            hit = ex_keys[pos] == k
+            excluded = torch.where(hit, ex_vals[pos], torch.zeros_like(k))
+            keep &= self.n_under[child] > excluded
+        beam, tok = beam[keep], tok[keep]
+        if done_token_id is not None:
+            alive = torch.zeros(b, dtype=torch.bool, device=dev)
+            alive[beam] = True
+            dead = (~alive).nonzero().squeeze(1)
+            if len(dead):
+                beam = torch.cat([beam, dead])
+                tok = torch.cat([tok, torch.full_like(dead, done_token_id)])
+                order = torch.sort(beam, stable=True).indices
+                beam, tok = beam[order], tok[order]
+        return beam, tok
+
     def allowed_mask(
         self,
         states: torch.Tensor,
@@ -176,35 +221,8 @@ class TitleTrie:
         exclusions: tuple[torch.Tensor, torch.Tensor] | None = None,
         done_token_id: int | None = None,
     ) -> torch.Tensor:
-        """``[B, vocab_size]`` bool: the tokens each state may emit next.
-
-        ``rows`` maps each state to its exclusion row (the prompt it belongs to). States with no
-        allowed continuation (after EOS, or off the trie) may emit only ``done_token_id`` (the
-        pad/EOS token), so that samplers never see an all-masked row.
-        """
-        b = states.shape[0]
-        dev = states.device
-        mask = torch.zeros((b, vocab_size), dtype=torch.bool, device=dev)
-        s = states.clamp(min=0)
-        start = self.node_ptr[s]
-        count = torch.where(states >= 0, self.node_ptr[s + 1] - start, torch.zeros_like(start))
-        total = int(count.sum())
-        if total:
-            beam = torch.repeat_interleave(torch.arange(b, device=dev), count)
-            offs = torch.cumsum(count, 0) - count
-            edge = start[beam] + torch.arange(total, device=dev) - offs[beam]
-            tok, child = self.edge_tok[edge], self.edge_child[edge]
-            keep = tok < vocab_size
-            if exclusions is not None and len(exclusions[0]):
-                ex_keys, ex_vals = exclusions
-                r = rows[beam] if rows is not None else beam
-                k = r * self.n_nodes + child
-                pos = torch.searchsorted(ex_keys, k).clamp(max=len(ex_keys) - 1)
-                hit = ex_keys[pos] == k
-                excluded = torch.where(hit, ex_vals[pos], torch.zeros_like(k))
-                keep &= self.n_under[child] > excluded
-            mask[beam[keep], tok[keep]] = True
-        if done_token_id is not None:
-            dead = ~mask.any(dim=1)
-            mask[dead, done_token_id] = True
+        """``[B, vocab_size]`` bool: the tokens each state may emit next (see ``allowed_edges``)."""
+        mask = torch.zeros((states.shape[0], vocab_size), dtype=torch.bool, device=states.device)
+        beam, tok = self.allowed_edges(states, vocab_size, rows, exclusions, done_token_id)
+        mask[beam, tok] = True
         return mask
