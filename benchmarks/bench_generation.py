@@ -150,12 +150,25 @@ def bench_decoding(args):
     rates: dict[str, list[float]] = {}
     shares: dict[str, list[float]] = {}
 
+    forwards: dict[str, float] = {}  # model token positions computed per candidate (padding included)
+    counted = {"tokens": 0}
+    model_forward = model.forward
+
+    def counting_forward(*a, **k):
+        ids = k.get("input_ids", a[0] if a else None)
+        counted["tokens"] += ids.numel()
+        return model_forward(*a, **k)
+
+    model.forward = counting_forward
+
     def measure(name, fn):
+        counted["tokens"] = 0
         t0 = time.perf_counter()
         n, trie_s = fn()
         total = time.perf_counter() - t0
         rates.setdefault(name, []).append(n / total)
         shares.setdefault(name, []).append(trie_s / total)
+        forwards[name] = counted["tokens"] / n
 
     ref = "reference (batch 1, per-beam Python trie walk)"
     b1, bn = "raydpo batch 1", f"raydpo batch {args.batch}"
@@ -178,6 +191,10 @@ def bench_decoding(args):
         extra = "" if name == ref else (f" -> {med / base:.1f}x reference; constraint "
                                         f"{100 * statistics.median(shares[name]):.1f}% of decode time")
         print(f"  {name}: {med:.2f} ({max(v):.2f}){extra}")
+    print("model work: token positions run through the model per candidate (prompt passes, padding and "
+          "decode steps; the speed-up a compute-bound device can show is bounded by the ratio)")
+    for name, f in forwards.items():
+        print(f"  {name}: {f:.1f}" + ("" if name == ref else f" ({forwards[ref] / f:.1f}x fewer than the reference)"))
 
 
 def bench_ray(args):

@@ -141,13 +141,89 @@ def test_diverse_beam_search(setup):
     assert (diverse.scores[:, :-1] >= diverse.scores[:, 1:]).all()
 
 
+def test_allowed_edges_are_the_allowed_mask_in_order(setup):
+    ds, _, tok, trie = setup
+    rng = random.Random(3)
+    states = [0, -1]  # the root and a state that fell off the trie
+    for _ in range(40):
+        seq = encode_response(tok, ds.catalog.titles[rng.randrange(len(ds.catalog))])
+        states.append(int(trie.step(torch.tensor([0]), torch.tensor([seq[0]]))[0]) if rng.random() < 0.3 else
+                      _state_after(trie, seq[: rng.randrange(len(seq) + 1)]))
+    states = torch.tensor(states)
+    rows = torch.arange(len(states)) % 4
+    ex = trie.exclusion_index([[1, 2, 3], [], [rng.randrange(len(ds.catalog)) for _ in range(50)], [0]])
+    beam, tok_ids = trie.allowed_edges(states, len(tok), rows=rows, exclusions=ex, done_token_id=tok.eos_token_id)
+    mask = trie.allowed_mask(states, len(tok), rows=rows, exclusions=ex, done_token_id=tok.eos_token_id)
+    assert torch.equal(torch.stack([beam, tok_ids], 1), mask.nonzero())  # same pairs, beam-then-token order
+    assert mask[1].nonzero().flatten().tolist() == [tok.eos_token_id]  # off the trie: only EOS
+
+
+def _state_after(trie, tokens):
+    state = trie.root_states(1)
+    for x in tokens:
+        state = trie.step(state, torch.tensor([x]))
+    return int(state[0])
+
+
+def test_shared_prefix_prefill_equals_the_plain_prompt_pass(setup):
+    from raydpo.generation.shared_attention import common_prefix_length, prefill
+
+    ds, model, tok, _ = setup
+    _, enc = _batch(tok, ds, 7)
+    ids, mask = enc.input_ids, enc.attention_mask
+    shared = common_prefix_length(ids, mask)
+    assert 16 <= shared < int(mask.sum(1).min())
+    rows = [ids[i, mask[i].bool()].tolist() for i in range(len(ids))]
+    assert all(r[:shared] == rows[0][:shared] for r in rows)
+    assert len({r[shared] for r in rows}) > 1 or len({len(r) for r in rows}) > 1
+    plain_logits, plain_cache, plain_mask = prefill(model, ids, mask, min_shared=10**9)
+    logits, cache, cmask = prefill(model, ids, mask)
+    assert torch.equal(plain_mask, mask) and cmask.shape[1] == shared + int(mask.sum(1).max()) - shared
+    assert torch.allclose(logits, plain_logits, atol=1e-4)
+    for a, b in zip(cache.layers, plain_cache.layers):  # the same keys at the real positions
+        assert torch.allclose(a.keys[cmask.bool()[:, None, :, None].expand_as(a.keys)].view(-1),
+                              b.keys[mask.bool()[:, None, :, None].expand_as(b.keys)].view(-1), atol=1e-4)
+    assert common_prefix_length(ids[:1], mask[:1]) == 0  # a single prompt has nothing to share
+
+
+@pytest.mark.parametrize("num_beams,groups,penalty", [(8, 1, 0.0), (12, 4, 1.0)])
+def test_shared_attention_equals_the_per_beam_cache(setup, num_beams, groups, penalty, monkeypatch):
+    """Prompt-shared attention, the shared prefix and prompts leaving the batch change nothing."""
+    from raydpo.generation import shared_attention
+
+    ds, model, tok, trie = setup
+    frame, enc = _batch(tok, ds, 8)
+    # odd prompts may only produce the shorter half of the titles: they finish early and leave
+    lengths = [len(encode_response(tok, t)) for t in ds.catalog.titles]
+    longer = [i for i, n in enumerate(lengths) if n > sorted(lengths)[len(lengths) // 2]]
+    ex = [longer if i % 2 else list(map(int, h)) for i, h in enumerate(frame["history_item_ids"])]
+    left = []
+    original = shared_attention.SharedPromptCache.select_prompts
+    monkeypatch.setattr(shared_attention.SharedPromptCache, "select_prompts",
+                        lambda self, kept: (left.append(len(kept)), original(self, kept))[1])
+    kw = dict(num_groups=groups, diversity_penalty=penalty, exclusions=ex)
+    shared = beam_search(model, enc.input_ids, enc.attention_mask, trie, num_beams, num_beams // 2,
+                         shared_attention=True, **kw)
+    per_beam = beam_search(model, enc.input_ids, enc.attention_mask, trie, num_beams, num_beams // 2,
+                           shared_attention=False, **kw)
+    assert left and left == sorted(left, reverse=True) and left[-1] < 8  # prompts did leave the batch
+    assert torch.equal(shared.sequences, per_beam.sequences)
+    assert torch.equal(shared.items, per_beam.items)
+    assert torch.allclose(shared.scores, per_beam.scores, atol=1e-5)
+    assert torch.allclose(shared.logprobs, per_beam.logprobs, atol=1e-4)
+
+
 def test_candidates_stage_order_dedup_logprobs(setup):
     ds, model, tok, trie = setup
     frame = ds.split("train").frame.iloc[:6]
     gen = CandidateGenerator(model, tok, ds.catalog, DecodeConfig(mode="diverse_beam", num_return_sequences=6,
-                                                                  reference_logprobs=True), ds.instruction)
+                                                                  reference_logprobs=True, batch_size=2),
+                             ds.instruction)
     c = gen.candidates(frame)
+    # batches are formed by prompt length; the output keeps the input order
+    assert [len(p) for p in gen.prompts(frame)] != sorted(len(p) for p in gen.prompts(frame))
     assert c["sample_id"].tolist() == frame["sample_id"].tolist()
+    assert c["prompt"].tolist() == gen.prompts(frame)
     for ids, titles, scores, lps, refs, hist, tgt in zip(
             c["candidate_item_ids"], c["candidate_titles"], c["candidate_scores"], c["candidate_logprobs"],
             c["candidate_ref_logprobs"], frame["history_item_ids"], frame["target_item_id"]):
@@ -179,6 +255,7 @@ def test_predictions_are_published_format(setup):
     con = CandidateGenerator(model, tok, ds.catalog, DecodeConfig(mode="beam", num_return_sequences=1,
                                                                   exclude_history=False, exclude_target=False)
                              ).predictions(frame)
+    assert [r["prompt"] for r in con] == [r["prompt"] for r in free]
     for row, gt in zip(con, frame["target_title"]):
         assert row["prediction"].startswith('"') and row["prediction"][1:-1] in ds.catalog.title_to_id
         assert row["ground_truth"] == gt
@@ -208,3 +285,24 @@ def test_bad_input_errors(setup):
     sid = frame["sample_id"].iloc[0]
     with pytest.raises(RaydpoError, match=f"sample '{sid}': prompt 0 is too long"):
         gen.candidates(frame)
+
+
+def test_shared_attention_refuses_a_model_that_bypasses_it(setup):
+    """If a model's attention layers do not dispatch through transformers' AttentionInterface,
+    the prompt-shared cache would be silently wrong: beam_search stops instead."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from raydpo.generation import shared_attention
+
+    ds, model, tok, trie = setup
+    _, enc = _batch(tok, ds, 2)
+    assert shared_attention.supports_shared_prompt(model)
+    AttentionInterface.register(shared_attention.NAME, sdpa_attention_forward)  # a layer that ignores it
+    try:
+        with pytest.raises(RuntimeError, match="shared-prompt attention"):
+            beam_search(model, enc.input_ids, enc.attention_mask, trie, 4, 4, shared_attention=True)
+    finally:
+        AttentionInterface.register(shared_attention.NAME, shared_attention._shared_prompt_forward)
+    out = beam_search(model, enc.input_ids, enc.attention_mask, trie, 4, 4, shared_attention=True)
+    assert (out.items >= 0).all()

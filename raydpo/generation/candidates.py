@@ -50,6 +50,7 @@ class DecodeConfig:
     seed: int = 0
     reference_logprobs: bool = False
     shared_prefill: bool = True
+    shared_attention: bool | None = None  # None: where the model supports it (see shared_attention.py)
 
     def __post_init__(self) -> None:
         if self.mode not in ("diverse_beam", "beam", "sample", "greedy"):
@@ -159,7 +160,7 @@ class CandidateGenerator:
                                   num_groups=c.num_beam_groups, diversity_penalty=c.diversity_penalty,
                                   length_penalty=c.length_penalty, max_new_tokens=c.max_new_tokens,
                                   pad_token_id=self.tokenizer.pad_token_id, exclusions=ex,
-                                  shared_prefill=c.shared_prefill)
+                                  shared_prefill=c.shared_prefill, shared_attention=c.shared_attention)
                 items, logps, scores = out.items.cpu(), out.logprobs.cpu(), out.scores.cpu()
             else:
                 items, logps = self._sample(ids, mask, ex)
@@ -248,7 +249,7 @@ class CandidateGenerator:
                 out = beam_search(self.model, ids, mask, self.trie, c.num_beams, 1, num_groups=c.num_beam_groups,
                                   diversity_penalty=c.diversity_penalty, length_penalty=c.length_penalty,
                                   pad_token_id=self.tokenizer.pad_token_id, exclusions=ex,
-                                  shared_prefill=c.shared_prefill)
+                                  shared_prefill=c.shared_prefill, shared_attention=c.shared_attention)
                 texts = self.tokenizer.batch_decode(out.sequences[:, 0], skip_special_tokens=True)
             for j, (p, text, gt) in enumerate(zip(prompts, texts, part["target_title"])):
                 out_rows[pos[j]] = {"prompt": p, "prediction": text.strip(), "ground_truth": gt}

@@ -13,6 +13,11 @@ The constraint is the compiled :class:`~raydpo.generation.trie.TitleTrie`: each 
 trie state, the allowed-token mask of all beams comes from a few batched tensor operations per
 step, and per-row exclusions (history items, the ground truth) are part of the mask.
 
+Speed (see :mod:`.shared_attention`): the prompt runs once per prompt (a prefix common to the
+batch once), decode steps attend to the prompt's keys and values stored once per prompt, the
+candidates of a step are the trie's allowed edges rather than the masked vocabulary, and a
+prompt whose search is over leaves the batch.
+
 ``TrieLogitsProcessor`` applies the same constraint inside ``model.generate`` (used for
 sampling); it recovers each row's state from its parent row of the previous step.
 """
@@ -91,7 +96,6 @@ def beam_search(
     gs = nb // g
     keep = 2 * gs  # HF: max(2, 1 + n_eos) * beams per group
 
-    ids = input_ids.repeat_interleave(nb, dim=0)
     mask = attention_mask.repeat_interleave(nb, dim=0)
     pos = _positions(mask)
     rows = torch.arange(b, device=dev).repeat_interleave(nb)  # prompt of each flat beam
@@ -131,7 +135,8 @@ def beam_search(
         cache = BeamCache(out.cache, nb, max_new_tokens)
         out.logits = out.logits.repeat_interleave(nb, dim=0)
     else:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids.repeat_interleave(nb, dim=0), attention_mask=mask, position_ids=pos,
+                    use_cache=True, logits_to_keep=1)
         cache = out.cache
     with shared_prompt_attention(model) if shared_attention else nullcontext():
         for t in range(max_new_tokens):
@@ -198,8 +203,10 @@ def beam_search(
                 break
             live = unsatisfied.any(1)
             if shared_attention and not bool(live.all()):
-                # drop the prompts whose search is over (their finished beams can no longer
-                # change): they leave the batch, so later steps compute only live beams
+                # drop the prompts whose search is over: all their finished slots hold real
+                # hypotheses that nothing later can displace, so they leave the batch and later
+                # steps compute only live beams. (``all_hit`` then looks at live prompts only,
+                # which can end the loop earlier; that only changes never-returned filler.)
                 kept = live.nonzero().squeeze(1)
                 out_fin.flush(act, (~live).nonzero().squeeze(1), fin_seq, fin_score, fin_raw, fin_valid, fin_done)
                 act, b = act[kept], kept.numel()
@@ -214,11 +221,15 @@ def beam_search(
             cache.reorder_cache(beam_idx)
             pos = pos[:, -1:] + 1
             if shared_attention:  # the prompt mask lives in the cache
-                out = model(input_ids=tok_flat.view(-1, 1), position_ids=pos, cache=cache, use_cache=True,
-                            **step_kwargs)
+                try:
+                    out = model(input_ids=tok_flat.view(-1, 1), position_ids=pos, cache=cache, use_cache=True,
+                                **step_kwargs)
+                except Exception as e:  # a layer that bypassed the kernel gets slot-shaped keys
+                    if cache.calls < len(cache.layers):
+                        raise _bypassed(model, cache) from e
+                    raise
                 if cache.calls != len(cache.layers):
-                    raise RuntimeError(f"{type(model).__name__}: only {cache.calls} of {len(cache.layers)} attention "
-                                       "layers used shared-prompt attention; pass shared_attention=False")
+                    raise _bypassed(model, cache)
                 cache.calls = 0
             else:
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
@@ -236,6 +247,11 @@ def beam_search(
     valid = fin_valid.view(b, nb).gather(1, order) & fin_done.view(b, nb).gather(1, order)
     items = torch.where(valid, items, torch.full_like(items, -1))
     return BeamOutput(seqs, score.gather(1, order), fin_raw.view(b, nb).gather(1, order), items)
+
+
+def _bypassed(model, cache: SharedPromptCache) -> RuntimeError:
+    return RuntimeError(f"{type(model).__name__}: only {cache.calls} of {len(cache.layers)} attention layers used "
+                        "shared-prompt attention; pass shared_attention=False")
 
 
 class _Finished:
