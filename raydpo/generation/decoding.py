@@ -24,16 +24,22 @@ sampling); it recovers each row's state from its parent row of the previous step
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import LogitsProcessor
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .beam_cache import BeamCache
-from .shared_attention import SharedPromptCache, prefill, shared_prompt_attention, supports_shared_prompt
+from .shared_attention import (
+    SharedPromptCache,
+    left_padded_positions,
+    prefill,
+    shared_prompt_attention,
+    supports_shared_prompt,
+)
 from .trie import OFF, TitleTrie
 
 NEG = -1.0e9
@@ -45,11 +51,6 @@ class BeamOutput:
     scores: torch.Tensor  # [B, n] length-normalised beam scores (sum logprob / len**lp)
     logprobs: torch.Tensor  # [B, n] summed token log-probabilities under the model (no penalties)
     items: torch.Tensor  # [B, n] item ids (-1 if unconstrained or unfinished)
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
 
 
 @torch.no_grad()
@@ -97,7 +98,7 @@ def beam_search(
     keep = 2 * gs  # HF: max(2, 1 + n_eos) * beams per group
 
     mask = attention_mask.repeat_interleave(nb, dim=0)
-    pos = _positions(mask)
+    pos = left_padded_positions(mask)
     rows = torch.arange(b, device=dev).repeat_interleave(nb)  # prompt of each flat beam
     ex = trie.exclusion_index(exclusions) if (trie is not None and exclusions is not None) else None
 
@@ -130,8 +131,8 @@ def beam_search(
         step_kwargs["shared_prompt"] = cache
     elif shared_prefill:
         # one forward pass per prompt, then the cache and logits are copied to every beam
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                    position_ids=left_padded_positions(attention_mask))
         cache = BeamCache(out.cache, nb, max_new_tokens)
         out.logits = out.logits.repeat_interleave(nb, dim=0)
     else:
@@ -298,7 +299,6 @@ class _SparseCandidates:
 
     def __init__(self, logits, trie, states, rows, ex, eos, b, g, gs, keep, run_score, run_raw) -> None:
         dev = logits.device
-        nb = g * gs
         e_beam, e_tok = trie.allowed_edges(states, logits.shape[-1], rows=rows, exclusions=ex, done_token_id=eos)
         e_lp = logits[e_beam, e_tok] - torch.logsumexp(logits, dim=-1)[e_beam]
         pg = e_beam // gs  # (prompt, group) of each edge: beams are prompt-major, then group

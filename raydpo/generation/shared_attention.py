@@ -3,22 +3,31 @@
 All beams of one prompt attend to the same prompt keys and values. transformers repeats them
 for every beam (``num_beams`` copies, read again at every step, and reordered with the beams),
 so a decode step is ``batch * num_beams`` matrix-vector products over the prompt. Here the
-prompt part is kept once per prompt and the step computes, per prompt and key-value head, one
-matrix product of all its beams' queries with the prompt keys; only the generated part (a few
-dozen positions) lives per beam. The two score blocks are joined before one softmax, so the
-result is the same attention, up to floating-point summation order.
+prompt part is kept once per prompt and a step computes, per prompt and key-value head, one
+matrix product of all its beams' queries with the prompt keys.
 
-Use: prefill the prompts as usual (one row per prompt), wrap the prompt cache in
-:class:`SharedPromptCache`, and run decode steps inside :func:`shared_prompt_attention` passing
+The generated part is never reordered either: step ``s`` writes the keys/values of all beams
+(in that step's beam order) into slot ``s``, and an ancestor table [prompt, beam, step] says
+which slot entry lies on each current beam's path (beam reordering only permutes that small
+table). A step scores every beam's query against every slot entry of its prompt (one more
+small matrix product) and keeps its ancestors' columns. Prompt and generated scores are joined
+before one softmax, so the result is the same attention, up to floating-point summation order.
+
+:func:`prefill` runs the prompts once per prompt and a prefix common to the whole batch (chat
+template, instruction) only once.
+
+Use: ``logits, cache, mask = prefill(model, ids, attention_mask)``, wrap the cache in
+:class:`SharedPromptCache`, and run decode steps inside :func:`shared_prompt_attention`, passing
 ``shared_prompt=cache`` to the model. It works for models that route attention through
 transformers' ``AttentionInterface`` (``model._supports_attention_backend``: Llama, Qwen2,
-Mistral, Gemma, ... i.e. SmolLM2 and our tiny preset); :func:`supports_shared_prompt` says so.
+Mistral, Gemma, ... i.e. SmolLM2 and our tiny preset); :func:`supports_shared_prompt` says so,
+and ``beam_search`` stops with a clear error if a layer bypasses the kernel.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import AttentionInterface
@@ -97,7 +106,8 @@ class SharedPromptCache(Cache):
             layer.prompt_keys, layer.prompt_values = layer.prompt_keys[kept], layer.prompt_values[kept]
             layer.keys, layer.values = _select_used(layer.keys, kept, layer.length), _select_used(
                 layer.values, kept, layer.length)
-        self.prompt_bias, self.ancestors, self.columns = self.prompt_bias[kept], self.ancestors[kept], self.columns[kept]
+        self.prompt_bias, self.ancestors = self.prompt_bias[kept], self.ancestors[kept]
+        self.columns = self.columns[kept]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """``beam_idx``: flat index (prompt * nb + beam) of each new beam's parent."""
@@ -148,7 +158,8 @@ def _shared_prompt_forward(module, query, key, value, attention_mask, dropout: f
     return out.view(b, hkv, nb, grp, -1).transpose(1, 2).reshape(n, 1, h, -1), None
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch (0 at each row's first real token)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 0)
 
@@ -175,8 +186,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, min_sh
     """
     shared = common_prefix_length(input_ids, attention_mask)
     if shared < min_shared:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                    position_ids=left_padded_positions(attention_mask))
         return out.logits, out.cache, attention_mask
     b, width = input_ids.shape
     lens = attention_mask.sum(1)
@@ -189,7 +200,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, min_sh
     tail_mask = (torch.arange(rest, device=input_ids.device)[None, :] >= (rest - (lens - shared))[:, None]).long()
     mask = torch.cat([attention_mask.new_ones((b, shared)), tail_mask.to(attention_mask.dtype)], 1)
     out = model(input_ids=input_ids[:, width - rest:], attention_mask=mask, cache=cache, use_cache=True,
-                position_ids=_positions(mask)[:, shared:], logits_to_keep=1)
+                position_ids=left_padded_positions(mask)[:, shared:], logits_to_keep=1)
     return out.logits, out.cache, mask
 
 
