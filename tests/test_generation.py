@@ -306,3 +306,20 @@ def test_shared_attention_refuses_a_model_that_bypasses_it(setup):
         AttentionInterface.register(shared_attention.NAME, shared_attention._shared_prompt_forward)
     out = beam_search(model, enc.input_ids, enc.attention_mask, trie, 4, 4, shared_attention=True)
     assert (out.items >= 0).all()
+
+
+def test_beam_cache_cli_option_reaches_the_decoder(monkeypatch):
+    import argparse
+
+    from raydpo.generation import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_generation_parsers(parser.add_subparsers(dest="cmd"))
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda task, args, decode, splits: seen.append(decode) or 0)
+    expected = {"shared": (True, None), "per-beam": (True, False), "transformers": (False, False)}
+    for choice in expected:
+        for cmd in ("generate", "predict"):
+            args = parser.parse_args([cmd, "--data", "d", "--out", "o", "--beam-cache", choice])
+            args.func(args)
+            assert (seen[-1].shared_prefill, seen[-1].shared_attention) == expected[choice]

@@ -21,7 +21,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per decoding batch")
     p.add_argument("--limit", type=int, help="only the first N selected samples")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run with another configuration")
+    p.add_argument("--beam-cache", default="shared", choices=list(BEAM_CACHES),
+                   help="shared: prompt keys/values once per prompt, prompt-shared attention (default; falls "
+                        "back to per-beam for models without transformers' attention interface); per-beam: "
+                        "one prompt pass, keys/values repeated per beam; transformers: prompt run per beam")
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+# --beam-cache -> (shared_prefill, shared_attention)
+BEAM_CACHES = {"shared": (True, None), "per-beam": (True, False), "transformers": (False, False)}
 
 
 def _run(task: str, args: argparse.Namespace, decode: DecodeConfig, splits: list[str]) -> int:
@@ -33,12 +41,18 @@ def _run(task: str, args: argparse.Namespace, decode: DecodeConfig, splits: list
     return 0
 
 
+def _beam_cache(args: argparse.Namespace) -> dict:
+    prefill, attention = BEAM_CACHES[args.beam_cache]
+    return {"shared_prefill": prefill, "shared_attention": attention}
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     decode = DecodeConfig(mode=args.mode, num_return_sequences=args.n, num_beams=args.beams,
                           num_beam_groups=args.groups, diversity_penalty=args.diversity_penalty,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           exclude_history=not args.keep_history, exclude_target=not args.keep_target,
-                          batch_size=args.batch_size, seed=args.seed, reference_logprobs=args.reference_logprobs)
+                          batch_size=args.batch_size, seed=args.seed, reference_logprobs=args.reference_logprobs,
+                          **_beam_cache(args))
     return _run("candidates", args, decode, args.splits)
 
 
@@ -46,7 +60,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     decode = DecodeConfig(mode="greedy" if not args.constrained else "beam", num_return_sequences=1,
                           num_beams=args.beams if args.constrained else 1, constrained=args.constrained,
                           exclude_history=False, exclude_target=False, batch_size=args.batch_size,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, **_beam_cache(args))
     return _run("predictions", args, decode, [args.split])
 
 
