@@ -117,3 +117,59 @@ space:
     assert main(["tune-eval", str(out), "--top", "1"]) == 0
     best = pd.read_csv(out / "best_test.csv")
     assert len(best) == 1 and best["NDCG@10"].notna().all()
+
+
+def test_search_resumes_after_the_driver_is_killed(ray_local, config_path, tmp_path, capsys):
+    """Kill ``raydpo tune`` (driver and its local Ray) once a trial has finished; ``--resume``
+    completes the search without redoing finished stage work, and nothing looked finished before."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"""# resume test
+base: {config_path}
+sampler: grid
+num_samples: 3
+max_concurrent: 1
+resources_per_trial: {{cpu: 0.5}}
+space:
+  alignment.beta: {{choice: [0.05, 0.2, 0.4]}}
+""")
+    out = tmp_path / "search"
+    run_dir = Path(load_config(config_path).run_dir)
+
+    def finished_align() -> dict:
+        return {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "align").glob("*/_SUCCESS")}
+
+    before = finished_align()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from raydpo.cli import main; sys.exit(main(sys.argv[1:]))",
+         "tune", str(space), "--out", str(out)],
+        env={**os.environ, "RAY_ADDRESS": "local"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            if len(set(finished_align()) - set(before)) >= 1:
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        assert len(set(finished_align()) - set(before)) >= 1, "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "trials.csv").exists()  # an interrupted search leaves no result that looks complete
+    done_at_kill = {k: v for k, v in finished_align().items() if k not in before}
+
+    capsys.readouterr()
+    assert main(["tune", str(space), "--out", str(out), "--resume"]) == 0
+    assert "resuming" in capsys.readouterr().out  # Tuner.restore, not a fresh experiment
+    trials = pd.read_csv(out / "trials.csv")
+    assert sorted(trials["alignment.beta"]) == [0.05, 0.2, 0.4]
+    assert (trials["status"] == "OK").all() and trials["NDCG@10"].notna().all()
+    after = finished_align()
+    assert len(set(after) - set(before)) == 3
+    assert all(after[k] == v for k, v in done_at_kill.items())  # finished alignments were not redone
