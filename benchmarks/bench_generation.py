@@ -114,16 +114,16 @@ ABLATION = {
 }
 
 
-def random_smollm2_1_7b(device):
+def random_smollm2_1_7b(device, layers: int = 24):
     """SmolLM2-1.7B's architecture, randomly initialised (throughput needs no real weights),
-    with SmolLM2's tokenizer."""
+    with SmolLM2's tokenizer. ``layers`` < 24 only to dry-run this path on a small machine."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from raydpo.models import load_tokenizer, resolve_dtype
 
     tok = load_tokenizer("smollm2-135m")
     cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
-                               num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                               num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=32,
                                max_position_embeddings=8192, rope_theta=130000, tie_word_embeddings=True,
                                bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype("auto", device)).to(device).eval()
@@ -135,7 +135,7 @@ def bench_decoding(args):
     if args.model == "smollm2-1.7b-random":
         from raydpo.models import resolve_device
 
-        model, tok = random_smollm2_1_7b(resolve_device("auto"))
+        model, tok = random_smollm2_1_7b(resolve_device("auto"), args.random_layers)
     else:
         model, tok = load_model(args.model, catalog=ds.catalog)
     device = next(model.parameters()).device
@@ -224,6 +224,8 @@ def main():
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved measurement rounds")
+    ap.add_argument("--random-layers", type=int, default=24,
+                    help="layers of smollm2-1.7b-random (fewer only to dry-run the GPU path on a CPU)")
     ap.add_argument("--ablation", action="store_true", help="also time each step of our path on its own")
     ap.add_argument("--ray", action="store_true", help="measure Ray Data scaling instead")
     ap.add_argument("--ray-rows", type=int, default=128)
