@@ -175,21 +175,24 @@ def context_length(model) -> int:
 def check_prompt_lengths(tokenizer, model, prompts: Sequence[str], max_new_tokens: int) -> list[int]:
     """Raise a RaydpoError naming the first prompt that, with ``max_new_tokens`` generated tokens,
     does not fit the model's context. Returns the prompt lengths in tokens."""
+    lengths = [len(encode_prompt(tokenizer, prompt)) for prompt in prompts]
+    check_token_lengths(model, lengths, max_new_tokens)
+    return lengths
+
+
+def check_token_lengths(model, lengths: Sequence[int], max_new_tokens: int) -> None:
+    """``check_prompt_lengths`` for prompts already tokenised (their lengths)."""
     limit = context_length(model)
     if max_new_tokens < 0:
         raise RaydpoError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens >= limit:
         raise RaydpoError(f"max_new_tokens={max_new_tokens} does not fit the model's context of {limit} tokens")
-    lengths = []
-    for i, prompt in enumerate(prompts):
-        n = len(encode_prompt(tokenizer, prompt))
+    for i, n in enumerate(lengths):
         if n + max_new_tokens > limit:
             raise RaydpoError(
                 f"prompt {i} is too long: {n} tokens + max_new_tokens={max_new_tokens} = {n + max_new_tokens} "
                 f"> the model's context of {limit} tokens (shorten the history)"
             )
-        lengths.append(n)
-    return lengths
 
 
 # --- resolving a model name ----------------------------------------------------------------------
@@ -600,7 +603,7 @@ def sequence_logprobs(
 
 __all__ = [
     "PRESETS", "SMOLLM2_135M", "TINY", "TINY_ARCH",
-    "build_tiny_model", "build_tiny_tokenizer", "check_prompt_lengths", "check_tokenizer", "context_length",
+    "build_tiny_model", "build_tiny_tokenizer", "check_prompt_lengths", "check_token_lengths", "check_tokenizer", "context_length",
     "is_hub_id", "load_model", "load_smollm2_gguf", "load_tokenizer", "models_dir", "resolve_device",
     "resolve_dtype", "resolve_model_path", "sequence_logprobs", "smollm2_135m_path", "smollm2_gguf_path",
 ]

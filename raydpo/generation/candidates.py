@@ -12,6 +12,7 @@ top constrained beam.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -101,32 +102,33 @@ class CandidateGenerator:
     def prompts(self, frame: pd.DataFrame) -> list[str]:
         return [render_prompt(self.tokenizer, list(h), self.instruction) for h in frame["history_titles"]]
 
-    def _batches(self, frame: pd.DataFrame) -> list[np.ndarray]:
-        """Positions of the frame's rows in batches of similar prompt length (less padding)."""
-        lengths = [len(x) for x in self.tokenizer(self.prompts(frame), add_special_tokens=False)["input_ids"]]
-        order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-        return [order[i : i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)]
+    def _batches(self, frame: pd.DataFrame) -> Iterator[tuple[np.ndarray, list[str], torch.Tensor, torch.Tensor]]:
+        """``(row positions, prompts, input ids, attention mask)`` per batch of similar prompt length
+        (less padding), left-padded. Every prompt is rendered, tokenised and checked against the
+        model's context once, before any decoding."""
+        from ..models import check_token_lengths
 
-    def _encode(self, prompts: list[str], sample_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..models import check_prompt_lengths
-
+        prompts = self.prompts(frame)
+        tokens = [encode_prompt(self.tokenizer, p) for p in prompts]
         max_new = self.config.max_new_tokens or (self.trie.max_depth if self.trie is not None else 50)
         try:
-            check_prompt_lengths(self.tokenizer, self.model, prompts, max_new)
+            check_token_lengths(self.model, [len(x) for x in tokens], max_new)
         except RaydpoError as e:
             m = re.match(r"prompt (\d+) ", str(e))
-            if m and sample_ids is not None:
-                raise RaydpoError(f"sample {list(sample_ids)[int(m.group(1))]!r}: {e}") from None
+            if m:
+                raise RaydpoError(f"sample {frame['sample_id'].iloc[int(m.group(1))]!r}: {e}") from None
             raise
-        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
-        width = max(len(x) for x in ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        order = np.argsort(np.asarray([len(x) for x in tokens], dtype=np.int64), kind="stable")
+        for start in range(0, len(order), self.config.batch_size):
+            pos = order[start : start + self.config.batch_size]
+            width = max(len(tokens[i]) for i in pos)
+            input_ids = torch.full((len(pos), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(pos), width), dtype=torch.long)
+            for row, i in enumerate(pos):
+                input_ids[row, width - len(tokens[i]):] = torch.tensor(tokens[i])
+                mask[row, width - len(tokens[i]):] = 1
+            yield pos, [prompts[i] for i in pos], input_ids.to(self.device), mask.to(self.device)
 
     def _exclusions(self, frame: pd.DataFrame) -> list[list[int]] | None:
         c = self.config
@@ -150,10 +152,8 @@ class CandidateGenerator:
             raise RaydpoError("candidates need the trie constraint (decode.constrained: true)")
         c = self.config
         rows = [None] * len(frame)
-        for pos in self._batches(frame):
+        for pos, prompts, ids, mask in self._batches(frame):
             part = frame.iloc[pos]
-            prompts = self.prompts(part)
-            ids, mask = self._encode(prompts, part["sample_id"])
             ex = self._exclusions(part)
             if c.mode in ("beam", "diverse_beam"):
                 out = beam_search(self.model, ids, mask, self.trie, c.num_beams, c.num_return_sequences,
@@ -232,10 +232,8 @@ class CandidateGenerator:
         """Published-format rows. Free greedy generation when unconstrained, else the top beam."""
         c = self.config
         out_rows = [None] * len(frame)
-        for pos in self._batches(frame):
+        for pos, prompts, ids, mask in self._batches(frame):
             part = frame.iloc[pos]
-            prompts = self.prompts(part)
-            ids, mask = self._encode(prompts, part["sample_id"])
             if self.trie is None:
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
                                           max_new_tokens=c.max_new_tokens or 50,

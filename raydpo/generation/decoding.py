@@ -153,9 +153,10 @@ def beam_search(
             new_src = torch.empty((b, g, gs), dtype=torch.long, device=dev)
             new_score = torch.empty((b, g, gs), device=dev)
             new_raw = torch.empty((b, g, gs), device=dev)
-            used = torch.zeros((b, vocab), device=dev)
+            # tokens chosen at this step by earlier groups (the Hamming penalty): diverse search only
+            used = torch.zeros((b, vocab), device=dev) if g > 1 and diversity_penalty else None
             for gi in range(g):
-                top_lp, tok, src, raw = cands.top(gi, used if gi and diversity_penalty else None, diversity_penalty)
+                top_lp, tok, src, raw = cands.top(gi, used if gi else None, diversity_penalty)
                 hits = (tok == eos) | (t + 1 >= max_new_tokens)
                 hits_all.append(hits)
                 # running beams for the next step: the best non-finished continuations
@@ -164,7 +165,8 @@ def beam_search(
                 new_src[:, gi] = src.gather(1, nxt)
                 new_score[:, gi] = (top_lp + hits.float() * NEG).gather(1, nxt)
                 new_raw[:, gi] = raw.gather(1, nxt)
-                used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
+                if used is not None:
+                    used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
                 # finished hypotheses: merge the newly finished top-gs candidates
                 just = hits & top_mask[None, :]
                 cand = top_lp / ((t + 1) ** length_penalty)

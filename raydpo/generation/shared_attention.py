@@ -94,10 +94,10 @@ class SharedPromptCache(Cache):
         # additive mask over the prompt positions (left padding), [B, 1, 1, P]
         bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=dev)
         self.prompt_bias = bias.masked_fill(prompt_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
-        # ancestors[b, i, s]: which beam of step s is in the history of current beam i (slot
-        # column s * nb + ancestors); not yet generated steps hold the identity
-        self.ancestors = torch.arange(num_beams, device=dev).repeat(b, 1)[:, :, None].repeat(1, 1, max_new_tokens)
-        self.columns = self.ancestors + torch.arange(max_new_tokens, device=dev) * num_beams
+        # columns[b, i, s] = s * nb + j: beam j of step s is on current beam i's path (the
+        # ancestor table, as columns of the flattened slots); steps not generated yet: j = i
+        steps = torch.arange(max_new_tokens, device=dev) * num_beams
+        self.columns = (torch.arange(num_beams, device=dev)[:, None] + steps).repeat(b, 1, 1)
         self.calls = 0
 
     def select_prompts(self, kept: torch.Tensor) -> None:
@@ -106,19 +106,16 @@ class SharedPromptCache(Cache):
             layer.prompt_keys, layer.prompt_values = layer.prompt_keys[kept], layer.prompt_values[kept]
             layer.keys, layer.values = _select_used(layer.keys, kept, layer.length), _select_used(
                 layer.values, kept, layer.length)
-        self.prompt_bias, self.ancestors = self.prompt_bias[kept], self.ancestors[kept]
-        self.columns = self.columns[kept]
+        self.prompt_bias, self.columns = self.prompt_bias[kept], self.columns[kept]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """``beam_idx``: flat index (prompt * nb + beam) of each new beam's parent."""
         length = self.layers[0].length
         if length:
-            b, nb, _ = self.ancestors.shape
+            b, nb, _ = self.columns.shape
             src = (beam_idx.view(b, nb) - torch.arange(b, device=beam_idx.device)[:, None] * nb)
-            self.ancestors[:, :, :length] = self.ancestors[:, :, :length].gather(
-                1, src[:, :, None].expand(-1, -1, length))
-            steps = torch.arange(length, device=beam_idx.device) * nb
-            self.columns[:, :, :length] = self.ancestors[:, :, :length] + steps
+            # a new beam's path is its parent's path: take the parent's row of the table
+            self.columns[:, :, :length] = self.columns[:, :, :length].gather(1, src[:, :, None].expand(-1, -1, length))
 
 
 def _select_used(slots: torch.Tensor, kept: torch.Tensor, length: int) -> torch.Tensor:
