@@ -67,23 +67,30 @@ def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
 def sample_preferences(cfg: PipelineConfig, dataset_dir: Path, candidates_dir: Path, out: Path) -> dict:
     from .data import load_dataset
     from .generation.distributed import read_candidates
-    from .pipeline import preference_sets
+    from .pipeline import preference_file, preference_sets
+    from .sampling.annotate import annotate
+    from .sampling.lightgcn import LightGCN, LightGCNConfig
     from .sampling.run import sample_to_file
+    from .sampling.strategies import get_strategy
 
     s = cfg.sampling
     ds = load_dataset(dataset_dir)
     cands = read_candidates(candidates_dir)
+    sets = preference_sets(cfg)
+    # one LightGCN (trained on the train split) and one annotation per split serve every set
+    lightgcn = (LightGCN.fit(ds, LightGCNConfig(seed=s.seed))
+                if any(get_strategy(strategy).needs_embeddings for strategy, _ in sets) else None)
     summaries = {}
     for split in cfg.generation.splits:
         ids = set(ds.split(split).frame["sample_id"])
         part = cands[cands["sample_id"].isin(ids)].reset_index(drop=True)
         if part.empty:
             continue
-        for strategy, n in preference_sets(cfg):
-            path = out / split / f"{strategy}-n{n}.parquet"
-            (summary,) = sample_to_file(ds, part, strategy, path, seed=s.seed, n_negatives=n, quiet=split != "train",
-                                        exposure_scope=s.exposure_scope, cluster_k=s.cluster_k,
-                                        ignore_genres=tuple(s.ignore_genres), ignore_genres_above=s.ignore_genres_above)
+        ann = annotate(ds, part, exposure_scope=s.exposure_scope, cluster_k=s.cluster_k,
+                       ignore_genres=tuple(s.ignore_genres), ignore_genres_above=s.ignore_genres_above)
+        for strategy, n in sets:
+            (summary,) = sample_to_file(ds, ann, strategy, preference_file(out, split, strategy, n), seed=s.seed,
+                                        n_negatives=n, quiet=split != "train", lightgcn=lightgcn)
             summaries[f"{split}/{strategy}-n{n}"] = {"records": summary.get("records"),
                                                      "negatives": summary.get("negatives"),
                                                      "fallbacks": summary.get("fallbacks")}

@@ -800,3 +800,18 @@ def test_empty_candidate_table(small, tmp_path):
     assert len(frame) == 0 and s["records"]["in"] == 0 and s["negatives"]["total"] == 0
     out, _ = write_output(frame, s, tmp_path / "empty.parquet")
     assert out.exists()
+
+
+def test_sample_to_file_takes_annotated_candidates(small, small_annotated, small_lightgcn, tmp_path):
+    """The pipeline annotates once per split and reuses it for every (strategy, n): same files."""
+    from raydpo.sampling.run import sample_to_file
+
+    ds, cands = small
+    for strategy in ("clusterout_low", "in_past_nearest"):
+        kw = dict(seed=3, n_negatives=2, quiet=True, lightgcn=small_lightgcn)
+        (fresh,) = sample_to_file(ds, cands, strategy, tmp_path / f"fresh-{strategy}.parquet", **kw)
+        (reused,) = sample_to_file(ds, small_annotated, strategy, tmp_path / f"reused-{strategy}.parquet", **kw)
+        a, b = read_preferences(fresh["output"]), read_preferences(reused["output"])
+        assert len(a) > 0 and a.equals(b)
+    with pytest.raises(RaydpoError, match="already annotated"):
+        sample_to_file(ds, small_annotated, "clusterout_low", tmp_path / "x.parquet", cluster_k=2)

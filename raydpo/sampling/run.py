@@ -461,6 +461,8 @@ def sample_to_file(dataset: Dataset, candidates, strategies: "str | Sequence[str
                    fmt: str = "parquet", pairs: str | None = None, **kwargs) -> list[dict]:
     """Run one or more strategies (annotating once), write each dataset + summary, print the summaries.
 
+    ``candidates``: as for :func:`sample_negatives`, ``Annotated`` included.
+
     ``out``: a ``.parquet``/``.jsonl`` file for one strategy, or a folder that receives
     ``<strategy>.<fmt>`` per strategy.
     """
@@ -474,7 +476,13 @@ def sample_to_file(dataset: Dataset, candidates, strategies: "str | Sequence[str
     ann_keys = {f for f in AnnotationConfig.__dataclass_fields__}
     ann_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in ann_keys}
     t0 = time.perf_counter()
-    ann = annotate(dataset, candidates, kwargs.pop("annotation", None), **ann_kwargs)
+    if isinstance(candidates, Annotated):  # annotated once by the caller, e.g. for several n
+        if ann_kwargs or kwargs.get("annotation") is not None:
+            raise RaydpoError(f"the candidates are already annotated ({candidates.config}); annotation options "
+                              "apply to annotate()")
+        ann = candidates
+    else:
+        ann = annotate(dataset, candidates, kwargs.pop("annotation", None), **ann_kwargs)
     annotate_s = time.perf_counter() - t0
     runner = sample_negatives_ray if use_ray else sample_negatives
     if kwargs.get("lightgcn") is None and any(get_strategy(nm).needs_embeddings for nm in names):
