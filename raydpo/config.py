@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RaydpoError
+from .training.config import DSDPOSettings
 
 
 class ConfigError(RaydpoError, ValueError):
@@ -124,8 +125,8 @@ class AlignmentSection(Section):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(512, ge=16)
     reference: Literal["adapter_disabled", "precomputed", "previous_stage", "sft"] = "adapter_disabled"
-    # DS-DPO settings (raydpo.training.config.DSDPOSettings): embeddings, distance, beta_min, ...
-    dsdpo: dict[str, Any] = {"embeddings": "minilm-onnx"}
+    # DS-DPO: embeddings, distance, beta_min, ... (checked when the config loads)
+    dsdpo: DSDPOSettings = DSDPOSettings(embeddings="minilm-onnx")
     stages: list[StageSection] = []  # a curriculum; empty = one stage from the fields above
     seed: int = 0
 

@@ -27,6 +27,10 @@ def test_unknown_field_and_wrong_type_name_the_path(tmp_path):
     assert f"{p}: alignment.beta: Input should be greater than 0" in msg
     assert f"{p}: alignment.epochz: unknown field" in msg
     assert f"{p}: sampling.n_negatives:" in msg
+    # DS-DPO settings are checked when the config loads, not when the align stage starts
+    p = _write(tmp_path, "d.yaml", "alignment:\n  dsdpo: {embeddings: minilm-onnx, beta_mn: 0.1}\n")
+    with pytest.raises(ConfigError, match="alignment.dsdpo.beta_mn: unknown field"):
+        load_config(p)
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -188,8 +188,6 @@ def cluster_masks(clusters: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # batch context
 
-ANNOTATED_LIST_INT = ("candidate_item_ids", "candidate_beam_rank", "candidate_exposure", "candidate_exposure_rank",
-                      "candidate_overlap")
 
 
 class BatchContext:

@@ -40,9 +40,6 @@ from .strategies import Strategy, apply_strategy, get_strategy
 
 log = logging.getLogger(__name__)
 
-STAT_COLUMNS = ("fallback", "duplicates_avoided", "n_negatives", "neg_in_cluster", "neg_exposure_sum",
-                "neg_zero_exposure", "neg_from_candidates", "neg_in_history", "n_candidates", "cand_in_cluster",
-                "cand_exposure_sum", "exposure_table")
 OUTPUT_SCHEMA = pa.schema([
     ("row", pa.int64()), ("sample_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
     ("rejected", pa.list_(pa.string())), ("chosen_item_id", pa.int64()), ("rejected_item_ids", pa.list_(pa.int64())),

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,10 +350,6 @@ def make_report_callback(ctx: WorkerContext, stage_name: str, stage_index: int, 
             self.logs.clear()
 
     return ReportCallback()
-
-
-def copy_tree(src: Path, dst: Path, ignore: Callable | None = None) -> None:
-    shutil.copytree(src, dst, ignore=ignore, dirs_exist_ok=True)
 
 
 __all__ = [

@@ -220,10 +220,6 @@ class PreferenceConfig(_TrainStage):
             raise ValueError("reference 'precomputed' already precomputes; drop precompute_reference")
         return self
 
-    @property
-    def multi_negative(self) -> bool:
-        return self.loss in OUR_LOSSES
-
 
 class SelfPlayConfig(_Strict):
     """Self-play generation (SPRec, method.md 9): the current model decodes one negative per

@@ -121,12 +121,6 @@ def prompt_token_ids(tokenizer, message: str) -> list[int]:
     return encode_prompt(tokenizer, render_user_message(tokenizer, message))
 
 
-def response_token_ids(tokenizer, text: str) -> list[int]:
-    """A response text (``'"Title"'``) tokenised on its own, then the real EOS id: for
-    ``text = response_text(title)`` this is :func:`raydpo.prompt.encode_response`."""
-    return encode_response_text(tokenizer, text)
-
-
 def _encode_many(tokenizer, texts: Sequence[str], fn) -> dict[str, list[int]]:
     uniq = list(dict.fromkeys(texts))
     return {t: fn(tokenizer, t) for t in uniq}
@@ -143,7 +137,7 @@ def tokenize_frame(frame: pd.DataFrame, tokenizer, *, max_length: int, max_negat
     if with_negatives:
         for negs in frame["rejected"]:
             texts.extend(negs[:max_negatives] if max_negatives else negs)
-    responses = _encode_many(tokenizer, texts, response_token_ids)
+    responses = _encode_many(tokenizer, texts, encode_response_text)
     has_ref = REF_CHOSEN in frame.columns and with_negatives
     has_betas = BETAS in frame.columns and with_negatives
     out = []
@@ -375,6 +369,6 @@ def random_preferences(dataset, split: str = "train", n_negatives: int = 1, seed
 
 __all__ = [
     "PackedCollator", "SFTCollator", "packed_attention_mask", "packed_logps", "prompt_token_ids",
-    "random_preferences", "read_stage_frame", "response_token_ids", "sft_frame_from_dataset", "to_pairs",
+    "random_preferences", "read_stage_frame", "sft_frame_from_dataset", "to_pairs",
     "tokenize_frame",
 ]

@@ -43,6 +43,7 @@ import pandas as pd
 from ..errors import DataError, RaydpoError
 from ..io import atomic_path, write_json
 from .common import (
+    FAIL_MARKER,
     STATE_FILE,
     ModelState,
     WorkerContext,
@@ -512,7 +513,7 @@ def run_plan(plan: Plan | dict) -> TrainResult:
     plan = prep.plan
     run_dir = prep.run_dir
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    marker = run_dir / ".raydpo_failure_injected"
+    marker = run_dir / FAIL_MARKER
     if plan.ray.fail_at_step is not None and marker.exists():
         marker.unlink()  # a new run injects its failure again
     write_json(run_dir / "plan.json", plan.model_dump(mode="json"))
