@@ -84,8 +84,10 @@ def read_preferences(path: str | Path, min_negatives: int = 1) -> pd.DataFrame:
             frame = pd.read_parquet(path)
     except ValueError as e:
         raise DataError(f"unreadable preference file: {e}", path=path) from None
-    frame["rejected"] = [[r] if isinstance(r, str) else list(r) for r in frame["rejected"]] \
-        if "rejected" in frame.columns else None
+    if "rejected" in frame.columns:
+        frame["rejected"] = [[r] if isinstance(r, str) else [] if r is None else list(r) for r in frame["rejected"]]
+    else:  # an SFT-only file (min_negatives=0) has no negatives; otherwise validation names the field
+        frame["rejected"] = [[] for _ in range(len(frame))] if min_negatives == 0 else None
     validate_preferences(frame, str(path), min_negatives)
     return frame
 

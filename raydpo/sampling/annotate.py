@@ -38,11 +38,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..data.schema import Catalog, Dataset, Samples
-from ..data.stats import cluster_genres, exposure, interest_clusters
+from ..data.stats import ExposureScope, cluster_genres, exposure, interest_clusters
 from ..errors import DataError
 from .context import SamplingState, cluster_masks, list_array, list_parts
 
-ExposureScope = Literal["split_histories", "train_interactions"]
 OPTIONAL_FLOAT_COLUMNS = ("candidate_logprobs", "candidate_scores", "candidate_ref_logprobs")
 
 

@@ -140,10 +140,7 @@ class SamplingState:
 
     def __post_init__(self) -> None:
         if self.item_genres is not None and self.item_genre_mask is None and len(self.genre_vocab) <= MAX_MASK_GENRES:
-            g = np.asarray(self.item_genres)
-            bits = np.where(g >= 0, np.left_shift(np.uint64(1), np.maximum(g, 0).astype(np.uint64)), np.uint64(0))
-            self.item_genre_mask = np.bitwise_or.reduce(bits, axis=1).astype(np.uint64) if g.shape[1] else \
-                np.zeros(len(g), np.uint64)
+            self.item_genre_mask = cluster_masks(self.item_genres)
         if self.embeddings is not None:
             self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float64)
             if self.embeddings.shape[0] != self.n_items:

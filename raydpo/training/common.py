@@ -133,7 +133,7 @@ def load_policy(start: ModelState, *, lora, dtype: str, ctx: WorkerContext, seed
     from ..models import load_model
 
     set_seed(seed)  # the new adapter's initial weights are the same on every worker
-    device = ctx.device if ctx.use_gpu else "cpu"
+    device = ctx.device
     if full_finetune:
         model, tok = load_model(start.base, adapter=start.adapter, trainable=False, dtype=dtype, device=device)
         if start.adapter is not None:

@@ -76,7 +76,7 @@ def read_stage_frame(source: str | Path, *, need_negatives: bool, dataset=None, 
     :mod:`raydpo.data.preference`) or, for SFT, a raydpo dataset folder (``split``). Raises a
     DataError naming the file, record and field of the first bad row."""
     from ..data import load_dataset
-    from ..data.preference import read_preferences, validate_preferences
+    from ..data.preference import read_preferences
 
     path = Path(source)
     if path.is_dir():
@@ -88,19 +88,8 @@ def read_stage_frame(source: str | Path, *, need_negatives: bool, dataset=None, 
         raise DataError("file not found", path=path)
     elif path.suffix not in (".parquet", ".jsonl"):
         raise DataError("expected a .parquet or .jsonl preference file", path=path)
-    elif need_negatives:
-        frame = read_preferences(path, min_negatives=1)
     else:
-        try:
-            frame = pd.read_json(path, lines=True) if path.suffix == ".jsonl" else pd.read_parquet(path)
-        except ValueError as e:
-            raise DataError(f"unreadable file: {e}", path=path) from None
-        if "rejected" not in frame.columns:
-            frame["rejected"] = [[] for _ in range(len(frame))]
-        else:
-            frame["rejected"] = [[r] if isinstance(r, str) else list(r) if r is not None else []
-                                 for r in frame["rejected"]]
-        validate_preferences(frame, str(path), min_negatives=0)
+        frame = read_preferences(path, min_negatives=int(need_negatives))
     if not len(frame):
         raise DataError("no rows", path=path)
     if max_rows is not None:
