@@ -21,13 +21,26 @@ from pathlib import Path
 from .errors import RaydpoError
 
 
+def _check_out(args: argparse.Namespace, path, *, kind: str, folder: bool, inputs=(), option: str = "--out",
+               resumable: bool = False):
+    """Refuse an output path that could destroy data, before any work (see raydpo.outputs)."""
+    from .outputs import check_output
+
+    return check_output(path, kind=kind, folder=folder, inputs=inputs, option=option, resumable=resumable,
+                        overwrite=getattr(args, "overwrite", False))
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_file, format_table, to_json
+    from .outputs import record_file
 
+    if args.json:
+        _check_out(args, args.json, kind="metrics", folder=False, inputs=[args.predictions, args.data], option="--json")
     results = evaluate_file(args.predictions, args.data, ks=args.k, json_out=args.json, encoder=args.encoder,
                             protocol=args.protocol, split=args.split, progress=not args.quiet)
     print(format_table(results))
     if args.json:
+        record_file(args.json, "metrics")
         print(f"wrote {args.json}")
     elif args.print_json:
         print(json.dumps(to_json(results), indent=2))
@@ -37,6 +50,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticConfig, generate
 
+    _check_out(args, args.out, kind="dataset", folder=True)
     ds = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_genres=args.genres,
                                   history_len=args.history_len, seed=args.seed))
     ds.save(args.out)
@@ -47,6 +61,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .data import load_dataset
 
+    _check_out(args, args.out, kind="dataset", folder=True, inputs=[args.src], option="OUT")
     ds = load_dataset(args.src)
     ds.save(args.out)
     counts = ds.samples.frame["split"].value_counts().to_dict()
@@ -57,6 +72,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_import_logs(args: argparse.Namespace) -> int:
     from .data.interactions import read_interactions
 
+    _check_out(args, args.out, kind="dataset", folder=True, inputs=[args.interactions, args.items])
     ds = read_interactions(args.interactions, args.items, history_len=args.history_len,
                            min_interactions=args.min_interactions, train_samples=args.train_samples)
     ds.save(args.out)
@@ -68,6 +84,7 @@ def _cmd_import_logs(args: argparse.Namespace) -> int:
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from .data.fetch import fetch
 
+    _check_out(args, args.out, kind="dataset", folder=True)
     fetch(args.name, args.out, base_url=args.base_url)
     return 0
 
@@ -168,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, nargs="+", default=[5, 10], help="cut-offs (default: 5 10)")
     e.add_argument("--json", help="write metrics as JSON keyed by k to this file")
     e.add_argument("--print-json", action="store_true", help="print the JSON to stdout")
+    e.add_argument("--overwrite", action="store_true", help="replace a metrics file raydpo wrote earlier")
     e.add_argument("--encoder", default="minilm-onnx",
                    help="minilm-onnx (offline default), st:NAME_OR_PATH, or a .onnx file")
     e.add_argument("--protocol", default="reference", choices=["reference", "valid_only"],
@@ -185,10 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--genres", type=int, default=8)
     s.add_argument("--history-len", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     s.set_defaults(func=_cmd_synth)
     c = d.add_parser("convert", help="convert a SPRec-format folder into raydpo's format")
     c.add_argument("src")
     c.add_argument("out")
+    c.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     c.set_defaults(func=_cmd_convert)
     il = d.add_parser("import-logs", help="build leave-last-out samples from (user_id, item_id, timestamp) logs")
     il.add_argument("--interactions", required=True, help="CSV or Parquet with user_id, item_id, timestamp")
@@ -197,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("--history-len", type=int, default=10)
     il.add_argument("--min-interactions", type=int, default=3)
     il.add_argument("--train-samples", choices=["all", "last"], default="all")
+    il.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     il.set_defaults(func=_cmd_import_logs)
     f = d.add_parser("fetch", help="download a public dataset (goodreads: the SPRec / ClusterExposure-DPO sample)")
     f.add_argument("name", choices=["goodreads"])
     f.add_argument("--out", default="data/goodreads")
     f.add_argument("--base-url", help="fetch every file from BASE/<file> (a mirror) instead of GitHub")
+    f.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     f.set_defaults(func=_cmd_fetch)
     st = d.add_parser("stats", help="exposure and interest-cluster summary of a dataset")
     st.add_argument("data")

@@ -8,27 +8,91 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+log = logging.getLogger(__name__)
+
+
+_HOST = socket.gethostname().replace("-", "_").replace(".", "_") or "host"
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{next(tempfile._get_candidate_names())}")
+    """``.NAME.tmp-HOST-PID-RANDOM`` beside ``path``: the host and PID say who may sweep it."""
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{next(tempfile._get_candidate_names())}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def sweep_stale(folder: str | Path, name: str | None = None) -> list[Path]:
+    """Remove temporaries raydpo left in ``folder`` when a process was killed (its PID no longer
+    alive on this host). Only names of raydpo's own temporary pattern are touched."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _TMP_RE.match(p.name)
+        if not m or (name is not None and m["name"] != name) or m["host"] != _HOST:
+            continue
+        if int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            _remove(p)
+            removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) left by a killed run in %s", len(removed), folder)
+    return removed
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path; on success rename it to ``path``, on error remove it."""
+def atomic_path(path: str | Path, kind: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it to ``path``, on error remove it.
+
+    Temporaries of killed runs at the same place are swept first. A folder written here is marked
+    as raydpo's output of ``kind`` (see :mod:`raydpo.outputs`); an existing folder is replaced only
+    when raydpo marked it (or it is empty): a folder raydpo did not write is never removed.
+    """
+    from .outputs import MARKER, OutputError, marker_kind, write_marker
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, path.name)
     tmp = _tmp_name(path)
     try:
         yield tmp
         if tmp.is_dir():
-            if path.exists():
+            if kind is not None and not (tmp / MARKER).exists():
+                write_marker(tmp, kind)
+            if path.exists() or path.is_symlink():
+                if not path.is_dir() or path.is_symlink():
+                    raise OutputError(f"{path}: exists and is not a folder; refusing to replace it")
+                if any(path.iterdir()) and marker_kind(path) is None:
+                    raise OutputError(f"{path}: the folder exists and was not written by raydpo; "
+                                      "refusing to replace it")
                 old = _tmp_name(path)
                 os.replace(path, old)
                 os.replace(tmp, path)
@@ -36,13 +100,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             else:
                 os.replace(tmp, path)
         else:
+            if path.is_dir() and not path.is_symlink():
+                raise OutputError(f"{path}: exists and is a folder; expected a file")
             os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
 
 def write_text(path: str | Path, text: str) -> Path:

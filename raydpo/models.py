@@ -425,7 +425,7 @@ def _build_tiny(titles: list[str], spec: dict, seed: int, key: str, target: Path
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     )
-    with atomic_path(target) as tmp:
+    with atomic_path(target, kind="model") as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -503,7 +503,7 @@ def _save_converted(gguf_model, tokenizer, target: Path, source: Path) -> None:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     model.eval()
-    with atomic_path(target) as tmp:
+    with atomic_path(target, kind="model") as tmp:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

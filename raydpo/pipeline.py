@@ -236,6 +236,12 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
         if s is not None and s not in STAGES:
             raise RaydpoError(f"unknown stage {s!r}; stages are {list(STAGES)}")
     ctx = Context(cfg, Path(run_dir or cfg.run_dir), stage_keys(cfg), progress=progress)
+    from .outputs import check_output, claim_folder
+
+    # never into a folder raydpo did not write, nor onto the input data
+    check_output(ctx.run_dir, kind="run", folder=True, resumable=True, option="run_dir",
+                 inputs=[cfg.data.path] if cfg.data.source == "path" else [])
+    claim_folder(ctx.run_dir, "run")
     forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     summaries: dict[str, Any] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:

@@ -8,12 +8,12 @@ a search directory holds ``trials.csv``. Either is rendered to ``report.md`` bes
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .errors import RaydpoError
+from .errors import DataError, RaydpoError
+from .readers import json_kind, one_line, read_json, read_text
 from .io import atomic_path, write_text
 
 COLUMNS = ["NDCG", "HR", "DivRatio", "ORRatio", "MGU", "DGU"]
@@ -34,8 +34,11 @@ def _method_label(cfg: dict) -> str:
 def collect_run(run_dir: Path) -> pd.DataFrame:
     rows = []
     for done in sorted((run_dir / "evaluate").glob("*/_SUCCESS")):
-        summary = json.loads(done.read_text())
-        metrics = summary.get("metrics") or json.loads((done.parent / "metrics.json").read_text())
+        summary = read_json(done)
+        if not isinstance(summary, dict):
+            raise DataError(f"expected a JSON object, got a JSON {json_kind(summary)}", path=done)
+        metrics = summary.get("metrics") or read_json(done.parent / "metrics.json")
+        _check_metrics(metrics, done if summary.get("metrics") else done.parent / "metrics.json")
         # the config of the whole chain lives in the align stage's sibling runs; the run's
         # last_run.json or the evaluate stage's params tell the split; the method comes from
         # the matching align stage config
@@ -52,12 +55,51 @@ def _chain_config(run_dir: Path, evaluate_key: str | None) -> dict:
     # each stage writes the params that made its key; walk the recorded chains
     chains = run_dir / "chains"
     if evaluate_key and (chains / f"{evaluate_key}.json").exists():
-        return json.loads((chains / f"{evaluate_key}.json").read_text())
+        cfg = read_json(chains / f"{evaluate_key}.json")
+        if not isinstance(cfg, dict):
+            raise DataError(f"expected a JSON object, got a JSON {json_kind(cfg)}", path=chains / f"{evaluate_key}.json")
+        return cfg
     return {}
 
 
+def _check_metrics(metrics, path: Path) -> None:
+    """``{k: {metric: number}}``, else a DataError naming the file and the key path."""
+    if not isinstance(metrics, dict):
+        raise DataError(f"expected a JSON object of metrics keyed by k, got a JSON {json_kind(metrics)}",
+                        path=path, field="metrics")
+    for k, m in metrics.items():
+        if not isinstance(m, dict):
+            raise DataError(f"expected a JSON object of metrics, got a JSON {json_kind(m)}", path=path,
+                            field=f"metrics.{k}")
+        for name, v in m.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise DataError(f"expected a number, got {v!r:.40}", path=path, field=f"metrics.{k}.{name}")
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    import io
+
+    text = read_text(path)
+    try:
+        frame = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise DataError(f"not a readable CSV file: {one_line(e)}", path=path) from None
+    for c in required:
+        if c not in frame.columns:
+            raise DataError(f"missing column (the file has columns {list(frame.columns)[:10]})", path=path, field=c)
+    for c in frame.columns:
+        if "@" in c:
+            vals = pd.to_numeric(frame[c], errors="coerce")
+            bad = vals.isna() & frame[c].notna()
+            if bad.any():
+                r = int(bad.to_numpy().nonzero()[0][0])
+                raise DataError(f"expected a number, got {frame[c].iloc[r]!r:.40}", path=path, record=r, field=c)
+            frame[c] = vals
+    return frame
+
+
 def collect_search(search_dir: Path) -> pd.DataFrame:
-    trials = pd.read_csv(search_dir / "trials.csv")
+    trials = _read_csv(search_dir / "trials.csv", ("trial", "status"))
     trials = trials[trials["status"] == "OK"].copy()
     params = [c for c in trials.columns if "." in c and "@" not in c]
     trials["method"] = trials[params].astype(str).agg(", ".join, axis=1) if params else trials["trial"]
@@ -104,7 +146,11 @@ def plot_methods(frame: pd.DataFrame, path: Path) -> Path:
 
 def report(path: str | Path, out: str | Path | None = None) -> Path:
     path = Path(path)
-    if (path / "trials.csv").exists():
+    if not path.exists():
+        raise RaydpoError(f"{path}: not found")
+    if not path.is_dir():
+        raise RaydpoError(f"{path}: is a file; expected a run directory or a search directory")
+    if (path / "trials.csv").exists() or (path / "trials.csv").is_symlink():
         frame, kind = collect_search(path), "search"
     elif (path / "evaluate").exists():
         frame, kind = collect_run(path), "run"
@@ -112,11 +158,15 @@ def report(path: str | Path, out: str | Path | None = None) -> Path:
         raise RaydpoError(f"{path}: neither a run directory (evaluate/) nor a search directory (trials.csv)")
     if frame.empty:
         raise RaydpoError(f"{path}: no finished evaluations to report")
+    for c in ("NDCG@10", "ORRatio@10"):
+        if c not in frame.columns:
+            raise DataError(f"no {c} in the results (the report plots NDCG@10 against ORRatio@10)",
+                            path=path / "trials.csv" if kind == "search" else path, field=c)
     out = Path(out or path / "report.md")
     png = plot_methods(frame, out.with_suffix(".png"))
     parts = [f"# raydpo {kind} report: {path.name}\n", markdown_table(frame), f"\n![NDCG vs ORRatio]({png.name})\n"]
     if (path / "pareto.png").exists():
-        parts.append("\n## Pareto front\n\n" + (path / "pareto.md").read_text() + "\n![Pareto front](pareto.png)\n")
+        parts.append("\n## Pareto front\n\n" + read_text(path / "pareto.md") + "\n![Pareto front](pareto.png)\n")
     write_text(out, "\n".join(parts))
     print("\n".join(parts[:2]))
     print(f"wrote {out}")

@@ -38,7 +38,7 @@ def _publish(result, out: Path) -> dict:
         target, src = out / "adapter", Path(result.adapter_path)
     else:
         target, src = out / "model", Path(result.final_path)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, kind="model") as tmp:
         shutil.copytree(src, tmp)
     # what to load: the base the adapter was trained on (for a curriculum after a full
     # fine-tuning stage, that is the fine-tuned model, not the preset)

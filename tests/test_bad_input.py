@@ -156,11 +156,11 @@ def test_atomic_write_leaves_nothing_on_crash(tmp_path):
 
 def test_atomic_directory_replace(tmp_path):
     d = tmp_path / "ds"
-    with atomic_path(d) as tmp:
+    with atomic_path(d, kind="dataset") as tmp:
         tmp.mkdir()
         (tmp / "a").write_text("1")
-    with atomic_path(d) as tmp:
+    with atomic_path(d, kind="dataset") as tmp:
         tmp.mkdir()
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in d.iterdir()) == ["b"]
+    assert sorted(p.name for p in d.iterdir()) == [".raydpo-output.json", "b"]
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]

@@ -13,10 +13,13 @@ from .sprec import is_sprec_folder, read_sprec
 
 def load_dataset(path: str | Path) -> Dataset:
     """Load a dataset folder: raydpo's own format (``meta.json``) or the SPRec format (``id2name.json``)."""
+    from ..readers import check_folder
+
     p = Path(path)
     if not p.exists():
         raise DataError("dataset folder not found", path=p)
-    if (p / "meta.json").exists():
+    check_folder(p, "dataset folder")
+    if (p / "meta.json").exists() or (p / "meta.json").is_symlink():
         return Dataset.load(p)
     if is_sprec_folder(p):
         return read_sprec(p)

@@ -40,7 +40,7 @@ def fetch(name: str, out: str | Path, base_url: str | None = None, timeout: floa
 
     out = Path(out)
     files = DATASETS[name]
-    with atomic_path(out) as tmp:
+    with atomic_path(out, kind="dataset") as tmp:
         tmp.mkdir(parents=True)
         for fname, url in tqdm(files.items(), desc=f"fetch {name}", unit="file", disable=not progress):
             src = f"{base_url.rstrip('/')}/{fname}" if base_url else url

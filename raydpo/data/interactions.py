@@ -47,6 +47,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from ..readers import one_line
 from .schema import SAMPLES_SCHEMA, SPLITS, Catalog, Dataset, Samples
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 #: Genre strings that mean "no genres" (MovieLens writes ``(no genres listed)``).
 NO_GENRE_LABELS = ("(no genres listed)",)
 N_EXAMPLES = 5
+#: The fewest interactions a user needs: a test target, a valid target and one history item.
+MIN_INTERACTIONS = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,11 +114,26 @@ def read_interactions(
     users = _id_strings(cols[user_col], ipath, user_col)
     item_src = _id_strings(cols[item_col], ipath, item_col)
     ts = _timestamps(cols[time_col], ipath, time_col)
+    file_rows = np.arange(n_rows)
+    dup = pd.DataFrame({"u": users.to_numpy(), "i": item_src.to_numpy(), "t": ts}).duplicated(keep="first").to_numpy()
+    dup_report = None
+    if dup.any():
+        n_dup, first = int(dup.sum()), int(np.flatnonzero(dup)[0])
+        log.warning("%s: %d duplicate interaction row(s) dropped (same %s, %s and %s as an earlier row; first at "
+                    "record %d); the first of each is kept", ipath, n_dup, user_col, item_col, time_col, first)
+        dup_report = {"count": n_dup, "first_record": first}
+        keep_rows = ~dup
+        users = users[keep_rows].reset_index(drop=True)
+        item_src = item_src[keep_rows].reset_index(drop=True)
+        ts = ts[keep_rows]
+        file_rows = file_rows[keep_rows]
 
     source_index = pd.Index(catalog.source_ids)
     item_ids = source_index.get_indexer(item_src).astype(np.int64)
     unknown = item_ids < 0
     report: dict = {}
+    if dup_report is not None:
+        report["duplicate_rows_dropped"] = dup_report
     if unknown.any():
         rows = np.flatnonzero(unknown)
         if unknown_items == "error":
@@ -124,7 +142,7 @@ def read_interactions(
                 f"item id {item_src.iloc[r]!r} is not in the items table {tpath} "
                 f"({len(rows)} interaction(s) with unknown items; pass unknown_items='drop' to drop them)",
                 path=ipath,
-                record=r,
+                record=int(file_rows[r]),
                 field=item_col,
             )
         examples = list(dict.fromkeys(item_src.iloc[rows[:1000]].tolist()))[:N_EXAMPLES]
@@ -343,15 +361,15 @@ def leave_last_out_samples(
 
 def _check_params(history_len: int, min_interactions: int, train_samples: str, unknown_items: str) -> None:
     if isinstance(history_len, bool) or not isinstance(history_len, (int, np.integer)) or history_len < 1:
-        raise ValueError(f"history_len must be an integer >= 1, got {history_len!r}")
+        raise DataError(f"history_len must be an integer >= 1, got {history_len!r}", field="history_len")
     if isinstance(min_interactions, bool) or not isinstance(min_interactions, (int, np.integer)) \
-            or min_interactions < 3:
-        raise ValueError(f"min_interactions must be an integer >= 3 (test, valid and one history item), "
-                         f"got {min_interactions!r}")
+            or min_interactions < MIN_INTERACTIONS:
+        raise DataError(f"min_interactions must be an integer >= {MIN_INTERACTIONS} (a test target, a valid target "
+                        f"and one history item), got {min_interactions!r}", field="min_interactions")
     if train_samples not in ("all", "last"):
-        raise ValueError(f"train_samples must be 'all' or 'last', got {train_samples!r}")
+        raise DataError(f"train_samples must be 'all' or 'last', got {train_samples!r}", field="train_samples")
     if unknown_items not in ("error", "drop"):
-        raise ValueError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}")
+        raise DataError(f"unknown_items must be 'error' or 'drop', got {unknown_items!r}", field="unknown_items")
 
 
 def _file_kind(path: Path) -> tuple[str, str | None]:
@@ -372,23 +390,22 @@ def _file_kind(path: Path) -> tuple[str, str | None]:
 
 def _read_table(path: Path, columns: list[str]) -> dict[str, pd.Series]:
     """The named columns of a CSV or Parquet file, as pandas Series (CSV cells as strings, empty cells as "")."""
+    from ..readers import check_file
+
     kind, sep = _file_kind(path)
-    if not path.exists():
-        raise DataError("file not found", path=path)
-    if not path.is_file():
-        raise DataError("not a file", path=path)
+    check_file(path)
     if kind == "csv":
         table = _read_csv(path, sep, columns)
     else:
         try:
             names = pq.read_schema(path).names
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"not a readable Parquet file: {e}", path=path) from None
+            raise DataError(f"not a readable Parquet file: {one_line(e)}", path=path) from None
         _check_header(path, names, columns)
         try:
             table = pq.read_table(path, columns=list(dict.fromkeys(columns)))
         except (pa.ArrowException, OSError) as e:
-            raise DataError(f"not a readable Parquet file: {e}", path=path) from None
+            raise DataError(f"not a readable Parquet file: {one_line(e)}", path=path) from None
     out = {}
     for c in columns:
         col = table.column(c)
@@ -425,7 +442,7 @@ def _read_csv(path: Path, sep: str, columns: list[str]) -> pa.Table:
         try:
             names = pcsv.open_csv(path, parse_options=pcsv.ParseOptions(delimiter=sep)).schema.names
         except (pa.ArrowException, OSError, EOFError) as e:
-            raise DataError(f"not a readable CSV file: {e}", path=path) from None
+            raise DataError(f"not a readable CSV file: {one_line(e)}", path=path) from None
         _check_header(path, names, columns)
         raise DataError("missing column", path=path)  # not reached: some column is missing
     except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as e:
@@ -440,7 +457,7 @@ def _read_csv(path: Path, sep: str, columns: list[str]) -> pa.Table:
                 pass
         if "Empty CSV file" in detail:
             detail = "empty file (no header row)"
-        raise DataError(f"not a readable CSV file: {detail}", path=path) from None
+        raise DataError(f"not a readable CSV file: {one_line(detail)}", path=path) from None
 
 
 def _fail_at(mask: np.ndarray, series: pd.Series, path: Path, field: str, what: str) -> None:

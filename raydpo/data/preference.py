@@ -74,16 +74,18 @@ def write_preferences(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def read_preferences(path: str | Path, min_negatives: int = 1) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path=path)
+    from ..readers import check_file, decode_utf8, one_line, read_bytes
+
+    path = check_file(path, "preference file")
     try:
         if path.suffix == ".jsonl":
-            frame = pd.read_json(path, lines=True)
+            import io
+
+            frame = pd.read_json(io.StringIO(decode_utf8(read_bytes(path), path)), lines=True)
         else:
             frame = pd.read_parquet(path)
-    except ValueError as e:
-        raise DataError(f"unreadable preference file: {e}", path=path) from None
+    except (ValueError, OSError, pa.ArrowException, RecursionError) as e:
+        raise DataError(f"unreadable preference file: {one_line(e)}", path=path) from None
     if "rejected" in frame.columns:
         frame["rejected"] = [[r] if isinstance(r, str) else [] if r is None else list(r) for r in frame["rejected"]]
     else:  # an SFT-only file (min_negatives=0) has no negatives; otherwise validation names the field

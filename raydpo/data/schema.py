@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DataError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, write_json
+from ..readers import check_file, json_kind, one_line, read_json
 
 UNKNOWN_ITEM = -1
 SPLITS = ("train", "valid", "test")
@@ -157,7 +158,8 @@ class Catalog:
     def from_arrow(
         cls, table: pa.Table, *, path: str | None = None, fairness_genres: Sequence[str] | None = None
     ) -> "Catalog":
-        _check_columns(table, CATALOG_SCHEMA, path)
+        table = _check_columns(table, CATALOG_SCHEMA, path)
+        _no_nulls(table, ("item_id", "title"), path)
         ids = table.column("item_id").to_numpy()
         if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
             bad = int(np.flatnonzero(ids != np.arange(len(ids)))[0])
@@ -227,6 +229,9 @@ class Samples:
         ):
             if split not in SPLITS:
                 raise DataError(f"unknown split {split!r}", path=self.path, record=sid, field="split")
+            if hid is None or ht is None:
+                raise DataError("missing value", path=self.path, record=sid,
+                                field="history_item_ids" if hid is None else "history_titles")
             if len(hid) == 0:
                 raise DataError("empty history", path=self.path, record=sid, field="history_item_ids")
             if len(hid) != len(ht):
@@ -270,7 +275,7 @@ class Dataset:
     def save(self, directory: str | Path) -> Path:
         """Write the dataset folder atomically (a temporary folder renamed into place)."""
         directory = Path(directory)
-        with atomic_path(directory) as tmp:
+        with atomic_path(directory, kind="dataset") as tmp:
             tmp.mkdir(parents=True)
             pq.write_table(self.catalog.to_arrow(), tmp / "catalog.parquet")
             pq.write_table(self.samples.to_arrow(), tmp / "samples.parquet")
@@ -295,17 +300,24 @@ class Dataset:
         meta_path = directory / "meta.json"
         meta = read_json(meta_path)
         if not isinstance(meta, dict):
-            raise DataError("expected a JSON object", path=meta_path)
+            raise DataError(f"expected a JSON object, got a JSON {json_kind(meta)}", path=meta_path)
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise DataError(f"unsupported format version {version!r}", path=meta_path, field="format_version")
+        for key, ok, want in (("name", lambda v: isinstance(v, str), "a string"),
+                              ("instruction", lambda v: v is None or isinstance(v, str), "a string or null"),
+                              ("fairness_genres", lambda v: v is None or (isinstance(v, list) and all(
+                                  isinstance(g, str) for g in v)), "a list of strings or null"),
+                              ("report", lambda v: isinstance(v, dict), "a JSON object")):
+            if key in meta and not ok(meta[key]):
+                raise DataError(f"expected {want}, got {meta[key]!r:.60}", path=meta_path, field=key)
         cat_path = directory / "catalog.parquet"
         catalog = Catalog.from_arrow(
             _read_parquet(cat_path), path=str(cat_path), fairness_genres=meta.get("fairness_genres") or None
         )
         s_path = directory / "samples.parquet"
-        table = _read_parquet(s_path)
-        _check_columns(table, SAMPLES_SCHEMA, str(s_path))
+        table = _check_columns(_read_parquet(s_path), SAMPLES_SCHEMA, str(s_path))
+        _no_nulls(table, ("sample_id", "split", "target_item_id", "target_title"), str(s_path))
         samples = Samples(table.to_pandas(), path=str(s_path))
         samples.validate(catalog)
         known = {"format_version", "name", "instruction", "fairness_genres", "n_items", "n_samples", "report"}
@@ -320,15 +332,31 @@ class Dataset:
 
 
 def _read_parquet(path: Path) -> pa.Table:
-    if not path.exists():
-        raise DataError("file not found", path=path)
+    check_file(path)
     try:
         return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"not a readable Parquet file: {e}", path=path) from None
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"not a readable Parquet file: {one_line(e)}", path=path) from None
 
 
-def _check_columns(table: pa.Table, schema: pa.Schema, path: str | None) -> None:
+def _no_nulls(table: pa.Table, columns: Sequence[str], path: str | None) -> None:
+    for c in columns:
+        if table.column(c).null_count:
+            bad = int(np.flatnonzero(table.column(c).is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError("missing value", path=path, record=bad, field=c)
+
+
+def _check_columns(table: pa.Table, schema: pa.Schema, path: str | None) -> pa.Table:
+    """``table`` with every column of ``schema`` present and cast to its type (a DataError names
+    the file and the column otherwise)."""
     for f in schema:
         if f.name not in table.column_names:
             raise DataError("missing column", path=path, field=f.name)
+        col = table.column(f.name)
+        if col.type != f.type:
+            try:
+                col = col.cast(f.type)
+            except (pa.ArrowException, ValueError, TypeError):
+                raise DataError(f"column type {col.type}, expected {f.type}", path=path, field=f.name) from None
+            table = table.set_column(table.schema.get_field_index(f.name), f.name, col)
+    return table

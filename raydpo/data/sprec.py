@@ -11,12 +11,11 @@ not catalog titles are kept with id -1 and reported (counts plus examples), neve
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import read_json
+from ..readers import json_kind, read_json, read_json_pairs
 from .schema import SPLITS, UNKNOWN_ITEM, Catalog, Dataset, Samples
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,7 @@ def read_sprec_catalog(directory: str | Path) -> tuple[Catalog, dict]:
     """Read ``id2name.json`` (+ ``name2genre.json``, ``genre_dict.json``, ``name2id.json``)."""
     d = Path(directory)
     id_path = d / "id2name.json"
-    pairs = _read_json_pairs(id_path)
+    pairs = read_json_pairs(id_path)
     seen: dict[str, int] = {}
     entries: list[tuple[int, str, str]] = []
     for rec, (key, title) in enumerate(pairs):
@@ -58,9 +57,10 @@ def read_sprec_catalog(directory: str | Path) -> tuple[Catalog, dict]:
 
     report: dict = {}
     genre_path = d / "name2genre.json"
-    name2genre = read_json(genre_path) if genre_path.exists() else {}
+    name2genre = read_json(genre_path) if _present(genre_path) else {}
     if not isinstance(name2genre, dict):
-        raise DataError("expected a JSON object title -> list of genres", path=genre_path)
+        raise DataError(f"expected a JSON object title -> list of genres, got a JSON {json_kind(name2genre)}",
+                        path=genre_path)
     genres = []
     missing = []
     for t in titles:
@@ -78,15 +78,17 @@ def read_sprec_catalog(directory: str | Path) -> tuple[Catalog, dict]:
 
     fairness = None
     gd_path = d / "genre_dict.json"
-    if gd_path.exists():
+    if _present(gd_path):
         gd = read_json(gd_path)
         if not isinstance(gd, dict):
-            raise DataError("expected a JSON object of genres", path=gd_path)
+            raise DataError(f"expected a JSON object of genres, got a JSON {json_kind(gd)}", path=gd_path)
         fairness = tuple(gd)
 
     n2i_path = d / "name2id.json"
-    if n2i_path.exists():
+    if _present(n2i_path):
         n2i = read_json(n2i_path)
+        if not isinstance(n2i, dict):
+            raise DataError(f"expected a JSON object title -> item id, got a JSON {json_kind(n2i)}", path=n2i_path)
         by_key = {t: key for _, key, t in entries}
         for t, i in n2i.items():
             if by_key.get(t) != str(i):
@@ -141,7 +143,7 @@ def parse_target(output: str) -> str:
 def read_sprec_split(path: Path, split: str, catalog: Catalog) -> tuple[list[dict], dict, str | None]:
     rows = read_json(path)
     if not isinstance(rows, list):
-        raise DataError("expected a JSON list of records", path=path)
+        raise DataError(f"expected a JSON list of records, got a JSON {json_kind(rows)}", path=path)
     records = []
     unknown_hist: list[str] = []
     unknown_tgt: list[str] = []
@@ -204,7 +206,7 @@ def read_sprec(directory: str | Path, name: str | None = None) -> Dataset:
     instruction = None
     for split in SPLITS:
         path = d / f"{split}.json"
-        if not path.exists():
+        if not _present(path):
             log.warning("%s: not found; split %r is empty", path, split)
             continue
         recs, rep, instr = read_sprec_split(path, split, catalog)
@@ -218,15 +220,7 @@ def read_sprec(directory: str | Path, name: str | None = None) -> Dataset:
                    meta={"source": {"format": "sprec", "path": str(d)}}, report=report)
 
 
-def _read_json_pairs(path: Path) -> list[tuple[str, object]]:
-    """A JSON object's (key, value) pairs in file order, keeping duplicate keys."""
-    if not path.exists():
-        raise DataError("file not found", path=path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f, object_pairs_hook=lambda pairs: pairs)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}", path=path) from None
-    if not isinstance(obj, list) or not all(isinstance(p, tuple) for p in obj):
-        raise DataError("expected a JSON object id -> title", path=path)
-    return obj
+def _present(path: Path) -> bool:
+    """An optional file is there (a folder or a broken entry of that name is there too, and its
+    reader then names the problem)."""
+    return path.exists() or path.is_symlink()

@@ -22,7 +22,8 @@ import torch
 from ..data import Dataset, load_dataset
 from ..data.schema import UNKNOWN_ITEM, Catalog
 from ..errors import DataError
-from ..io import read_json, write_json
+from ..io import write_json
+from ..readers import json_kind, read_json
 from .encoders import DEFAULT_ENCODER, Encoder, catalog_embeddings, get_encoder
 from .metrics import METRIC_NAMES, Protocol, compute_metrics, rank_catalog, target_ranks
 
@@ -59,7 +60,8 @@ class Predictions:
     def read(cls, path: str | Path) -> "Predictions":
         rows = read_json(path)
         if not isinstance(rows, list):
-            raise DataError("expected a JSON list of {prompt, prediction, ground_truth}", path=path)
+            raise DataError(f"expected a JSON list of {{prompt, prediction, ground_truth}}, got a JSON "
+                            f"{json_kind(rows)}", path=path)
         cols: dict[str, list[str]] = {f: [] for f in PREDICTION_FIELDS}
         for i, row in enumerate(rows):
             if not isinstance(row, dict):

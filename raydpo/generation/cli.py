@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .candidates import DecodeConfig
 
@@ -33,8 +34,12 @@ BEAM_CACHES = {"shared": (True, None), "per-beam": (True, False), "transformers"
 
 
 def _run(task: str, args: argparse.Namespace, decode: DecodeConfig, splits: list[str]) -> int:
+    from ..outputs import check_output
     from .distributed import ModelSpec, Resources, run_sharded
 
+    local = [p for p in (args.model, args.adapter) if p and Path(p).exists()]
+    check_output(args.out, kind=task, folder=True, inputs=[args.data, *local], overwrite=args.overwrite,
+                 resumable=True)
     run_sharded(task, args.data, args.out, ModelSpec(args.model, args.adapter, args.dtype), decode, splits,
                 Resources(args.actors, args.gpus_per_actor, args.cpus_per_actor, args.shard_size),
                 limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)

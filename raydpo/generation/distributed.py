@@ -162,17 +162,22 @@ def run_sharded(
               "model": asdict(model), "decode": decode.to_dict()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     run_file = out / "run.json"
+    from ..outputs import claim_folder, marker_kind
+
+    if out.is_dir() and any(out.iterdir()) and not run_file.exists() and marker_kind(out) != task:
+        raise RaydpoError(f"{out}: the folder is not empty and holds no raydpo {task} run; choose a new folder")
     if run_file.exists():
         old = read_json(run_file)
         if old.get("key") != key:
             if not overwrite:
                 raise RaydpoError(f"{out}: holds a {old.get('task')} run with another configuration "
                                   f"(key {old.get('key')} != {key}); use a new directory or --overwrite")
-            shutil.rmtree(out)
+            shutil.rmtree(out)  # a raydpo run folder (its run.json says so)
     if (out / "_SUCCESS").exists() and run_file.exists():
         summary = read_json(out / "_SUCCESS")
         print(f"{task}: {out} is complete ({summary['rows']} rows); nothing to do")
         return summary
+    claim_folder(out, task)
     write_json(run_file, {"key": key, **config})
 
     pending = [i for i in range(n_shards) if not shard_path(out, i).exists()]

@@ -61,6 +61,11 @@ class AnnotationConfig:
         if self.on_unknown_item not in ("error", "drop"):
             raise DataError(f"on_unknown_item must be 'error' or 'drop', got {self.on_unknown_item!r}",
                             field="on_unknown_item")
+        if isinstance(self.cluster_k, bool) or not isinstance(self.cluster_k, (int, np.integer)) or self.cluster_k < 1:
+            raise DataError(f"cluster_k must be an integer >= 1, got {self.cluster_k!r}", field="cluster_k")
+        a = self.ignore_genres_above
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not 0 < a <= 1):
+            raise DataError(f"ignore_genres_above must be in (0, 1], got {a!r}", field="ignore_genres_above")
         object.__setattr__(self, "ignore_genres", tuple(self.ignore_genres))
 
     def to_dict(self) -> dict:
@@ -165,27 +170,55 @@ def read_candidates_table(source: str | Path | pd.DataFrame | pa.Table) -> pa.Ta
             if not (p / "_SUCCESS").exists():
                 raise RaydpoError(f"{p}: candidate generation is not complete (no _SUCCESS); rerun it to resume")
             p = p / "candidates.parquet"
-        if not p.exists():
-            raise DataError("file not found", path=p)
+        from ..readers import check_file, one_line
+
+        check_file(p, "candidates file")
         try:
             table = pq.read_table(p)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"not a readable Parquet file: {e}", path=p) from None
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"not a readable Parquet file: {one_line(e)}", path=p) from None
+        if table.num_rows == 0:
+            raise DataError("no candidate records (the file has 0 rows)", path=p)
+    path = _source_path(source)
     for c in ("sample_id", "candidate_item_ids"):
         if c not in table.column_names:
-            raise DataError("missing column", field=c)
+            raise DataError(f"missing column (the table has columns {table.column_names[:10]})", path=path, field=c)
+    if not pa.types.is_list(table.schema.field("candidate_item_ids").type) and \
+            not pa.types.is_large_list(table.schema.field("candidate_item_ids").type):
+        raise DataError(f"expected a list of item ids, got column type {table.schema.field('candidate_item_ids').type}",
+                        path=path, field="candidate_item_ids")
     if not pa.types.is_string(table.schema.field("sample_id").type):
         table = table.set_column(table.schema.get_field_index("sample_id"), "sample_id",
                                  pc.cast(table.column("sample_id"), pa.string()))
     return table
 
 
+def _source_path(source) -> str | None:
+    """The candidates file a source names (a folder means its ``candidates.parquet``), else None."""
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        return str(p / "candidates.parquet" if p.is_dir() else p)
+    return None
+
+
 def annotate(dataset: Dataset, candidates, config: AnnotationConfig | None = None, **overrides) -> Annotated:
     """Annotate candidates against ``dataset`` (see the module docstring). ``overrides`` are
-    ``AnnotationConfig`` fields, e.g. ``annotate(ds, cands, ignore_genres_above=0.9)``."""
+    ``AnnotationConfig`` fields, e.g. ``annotate(ds, cands, ignore_genres_above=0.9)``.
+
+    Every DataError about the candidates names the candidates file when they come from one."""
     cfg = config or AnnotationConfig()
     if overrides:
         cfg = AnnotationConfig(**{**cfg.to_dict(), **overrides})
+    try:
+        return _annotate(dataset, candidates, cfg)
+    except DataError as e:
+        path = _source_path(candidates)
+        if e.path is not None or path is None:
+            raise
+        raise DataError(e.reason, path=path, record=e.record, field=e.field) from None
+
+
+def _annotate(dataset: Dataset, candidates, cfg: AnnotationConfig) -> Annotated:
     catalog = dataset.catalog
     n_items = len(catalog)
     table = read_candidates_table(candidates)
@@ -202,7 +235,8 @@ def annotate(dataset: Dataset, candidates, config: AnnotationConfig | None = Non
     frame = dataset.samples.frame
     samples_index = pd.Index(frame["sample_id"].astype(str))
     if samples_index.has_duplicates:
-        raise DataError("the dataset's sample ids are not unique", field="sample_id")
+        raise DataError("the dataset's sample ids are not unique", path=dataset.samples.path or dataset.name,
+                        field="sample_id")
     rows = samples_index.get_indexer(ids_index)
     missing = np.flatnonzero(rows < 0)
     if len(missing):

@@ -33,9 +33,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     strategies = [get_strategy(s) for s in args.strategy]  # unknown names fail here, listing the known ones
     ds = load_dataset(args.data)
     cand = Path(args.candidates)
-    out = Path(args.out) if args.out else (cand if cand.is_dir() else cand.parent) / "negatives"
+    # default: a folder beside the candidates (never inside an input)
+    out = Path(args.out) if args.out else cand.parent / ("negatives" if cand.is_file() else f"{cand.name}-negatives")
     if args.out is None and len(strategies) == 1:
         out = out / f"{strategies[0].name}.{args.format}"
+    from ..outputs import check_output
+
+    inputs = [args.data, args.candidates, args.lightgcn, *(p for p in (args.plugin or []) if p.endswith(".py"))]
+    as_file = out.suffix in (".parquet", ".jsonl")
+    check_output(out, kind="negatives", folder=not as_file, inputs=inputs, overwrite=args.overwrite)
+    if as_file:
+        from .run import summary_path
+
+        check_output(summary_path(out), kind="negatives-summary", folder=False, inputs=inputs,
+                     overwrite=args.overwrite)
+    if args.save_lightgcn:
+        check_output(Path(args.save_lightgcn).with_suffix(".npz"), kind="lightgcn", folder=False,
+                     inputs=[*inputs, out], overwrite=args.overwrite, option="--save-lightgcn")
     lightgcn = args.lightgcn
     if lightgcn is None and any(s.needs_embeddings for s in strategies):
         cfg = LightGCNConfig(seed=args.seed, epochs=args.lightgcn_epochs)
@@ -44,7 +58,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             print(f"lightgcn: {model.n_users} users, {model.n_interactions} interactions, {int(model.seen.sum())} "
                   f"items seen; BPR loss {model.initial_loss:.4f} -> {model.losses[-1]:.4f} in {model.seconds:.1f} s")
         if args.save_lightgcn:
-            model.save(args.save_lightgcn)
+            from ..outputs import record_file
+
+            record_file(model.save(args.save_lightgcn), "lightgcn")
         lightgcn = model
     kwargs = dict(exposure_scope=args.exposure_scope, cluster_k=args.cluster_k, ignore_genres=tuple(args.ignore_genres),
                   ignore_genres_above=args.ignore_genres_above, on_unknown_item=args.on_unknown_item,
@@ -70,7 +86,7 @@ def add_sampling_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-negatives", type=int, default=None, help="negatives per pick (default: the strategy's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="FILE.parquet | FILE.jsonl (one strategy) or a folder (default: "
-                                 "<candidates>/negatives/<strategy>.<format>)")
+                                 "negatives/<strategy>.<format> beside a candidates file; CAND_DIR-negatives/ beside a candidates folder)")
     p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="file format inside a folder")
     p.add_argument("--pairs", choices=["first", "explode"], default=None,
                    help="write TRL pairs (rejected: str): the first negative, or one row per negative "
@@ -92,6 +108,7 @@ def add_sampling_parser(subparsers) -> argparse.ArgumentParser:
                    help="LightGCN output (default) or the layer-0 vectors the reference used")
     p.add_argument("--plugin", action="append", help="module or .py file registering extra strategies (repeatable)")
     p.add_argument("--list", action="store_true", help="list the strategies and exit")
+    p.add_argument("--overwrite", action="store_true", help="replace negatives (and LightGCN files) raydpo wrote earlier")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_sample)
     return p

@@ -447,9 +447,13 @@ def write_output(frame: pd.DataFrame, summary: dict, out: str | Path, pairs: str
         if pairs not in ("first", "explode"):
             raise RaydpoError(f"pairs must be 'first' or 'explode', got {pairs!r}")
         data = to_pairs(data, mode=pairs)
+    from ..outputs import record_file
+
     write_preferences(data, out)
     fmt = f"pairs-{pairs}" if pairs else "lists"
     sp = write_json(summary_path(out), {**summary, "output": str(out), "format": fmt})
+    record_file(out, "negatives")
+    record_file(sp, "negatives-summary")
     return out, sp
 
 
@@ -485,6 +489,10 @@ def sample_to_file(dataset: Dataset, candidates, strategies: "str | Sequence[str
     if kwargs.get("lightgcn") is None and any(get_strategy(nm).needs_embeddings for nm in names):
         kwargs["lightgcn"] = LightGCN.fit(dataset, kwargs.pop("lightgcn_config", None) or LightGCNConfig(seed=seed))
     summaries = []
+    if not single:
+        from ..outputs import claim_folder
+
+        claim_folder(out, "negatives")
     for nm in names:
         frame, summary = runner(dataset, ann, nm, seed=seed, n_negatives=n_negatives, **kwargs)
         summary["seconds"]["annotate"] = round(annotate_s, 3)

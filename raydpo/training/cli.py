@@ -76,6 +76,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cls, data = _plan_dict(args.train_command, data)
     cfg = build(cls, data, what=str(args.config))
     plan = cfg if cls.__name__ == "Plan" else cfg.to_plan()
+    from ..outputs import check_output
+
+    inputs = [args.config, plan.dataset, *(getattr(s, k, None) for s in plan.stages for k in ("data", "eval_data"))]
+    inputs = [p for p in inputs if isinstance(p, str) and not p.startswith("@") and Path(p).exists()] + [args.config]
+    check_output(plan.output_dir, kind="training", folder=True, inputs=inputs, resumable=True,
+                 option="output_dir")
     if args.check:
         from .ray_train import prepare
 

@@ -313,7 +313,7 @@ def train_loop_per_worker(cfg: dict) -> dict | None:
 def _write_stage(out_dir: Path, info: dict, fill) -> dict:
     """Write a stage's output folder atomically (rank 0): ``fill(tmp)`` adds the files (and
     may return more fields for ``stage.json``, which is written last)."""
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(out_dir, kind="training-stage") as tmp:
         tmp.mkdir(parents=True)
         final = dict(info)
         final.update(fill(tmp) or {})
@@ -512,6 +512,9 @@ def run_plan(plan: Plan | dict) -> TrainResult:
     prep = prepare(plan)
     plan = prep.plan
     run_dir = prep.run_dir
+    from ..outputs import claim_folder
+
+    claim_folder(run_dir, "training")
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
     marker = run_dir / FAIL_MARKER
     if plan.ray.fail_at_step is not None and marker.exists():
@@ -568,7 +571,7 @@ def run_plan(plan: Plan | dict) -> TrainResult:
     base_model = prep.base
     if last is not None:
         src = Path(last["adapter"] or last["base"])
-        with atomic_path(final) as tmp:
+        with atomic_path(final, kind="model") as tmp:
             shutil.copytree(src, tmp)
             (tmp / "raydpo_final.json").write_text(json.dumps({"stage": last["name"], "base": last["base"],
                                                                "adapter": last["adapter"] is not None}, indent=2))

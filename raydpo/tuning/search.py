@@ -214,7 +214,15 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     space, cfg = load_search_space(path)
     name = space.name or Path(path).stem
     out = Path(out_dir or Path(cfg.run_dir) / "tune" / name).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    from ..outputs import check_output, claim_folder
+
+    if not cfg.ray.storage_path:  # the trials' shared run folder (upstream stages), claimed before the search
+        check_output(cfg.run_dir, kind="run", folder=True, resumable=True, option="run_dir",
+                     inputs=[path] + ([cfg.data.path] if cfg.data.source == "path" else []))
+        claim_folder(cfg.run_dir, "run")
+    check_output(out, kind="search", folder=True, resumable=True, option="--out",
+                 inputs=[path] + ([cfg.data.path] if cfg.data.source == "path" else []))
+    claim_folder(out, "search")
     storage_root = cfg.ray.storage_path or str(out)
     run_dir = str(Path(cfg.run_dir).resolve()) if not cfg.ray.storage_path else f"{cfg.ray.storage_path}/runs"
     cfg = with_overrides(cfg, {"run_dir": run_dir}, source=str(path))
