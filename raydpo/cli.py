@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .cli_args import (RaydpoArgumentParser, int_at_least, number_above, parse_sets, print_error, report_unexpected,
+                       share)
 from .errors import RaydpoError
 
 
@@ -48,8 +50,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
+    from .cli_args import check_synth_memory
     from .data.synthetic import SyntheticConfig, generate
 
+    check_synth_memory(args.users, args.history_len)  # before any output is touched or memory is taken
     _check_out(args, args.out, kind="dataset", folder=True)
     ds = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_genres=args.genres,
                                   history_len=args.history_len, seed=args.seed))
@@ -113,16 +117,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_sets(items: list[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise RaydpoError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
+def _parse_sets(items: list) -> dict:
+    """Every ``--set`` flag, accumulated (see :func:`raydpo.cli_args.parse_sets`)."""
+    return parse_sets(items)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -173,7 +170,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raydpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = RaydpoArgumentParser(prog="raydpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -182,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "split with the published protocol (SBERT L2 grounding).")
     e.add_argument("predictions", help="predictions JSON file")
     e.add_argument("--data", required=True, help="dataset folder (raydpo format or SPRec format)")
-    e.add_argument("--k", type=int, nargs="+", default=[5, 10], help="cut-offs (default: 5 10)")
+    e.add_argument("--k", type=int_at_least(1), nargs="+", default=[5, 10], help="cut-offs (default: 5 10)")
     e.add_argument("--json", help="write metrics as JSON keyed by k to this file")
     e.add_argument("--print-json", action="store_true", help="print the JSON to stdout")
     e.add_argument("--overwrite", action="store_true", help="replace a metrics file raydpo wrote earlier")
@@ -198,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="DATA_COMMAND")
     s = d.add_parser("synth", help="write a deterministic synthetic dataset")
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=2000)
-    s.add_argument("--items", type=int, default=500)
-    s.add_argument("--genres", type=int, default=8)
-    s.add_argument("--history-len", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int_at_least(1), default=2000)
+    s.add_argument("--items", type=int_at_least(3), default=500)
+    s.add_argument("--genres", type=int_at_least(1), default=8)
+    s.add_argument("--history-len", type=int_at_least(1), default=10)
+    s.add_argument("--seed", type=int_at_least(0), default=0)
     s.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     s.set_defaults(func=_cmd_synth)
     c = d.add_parser("convert", help="convert a SPRec-format folder into raydpo's format")
@@ -214,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     il.add_argument("--interactions", required=True, help="CSV or Parquet with user_id, item_id, timestamp")
     il.add_argument("--items", required=True, help="CSV or Parquet with item_id, title, genres")
     il.add_argument("--out", required=True)
-    il.add_argument("--history-len", type=int, default=10)
-    il.add_argument("--min-interactions", type=int, default=3)
+    il.add_argument("--history-len", type=int_at_least(1), default=10)
+    il.add_argument("--min-interactions", type=int_at_least(3, " (a test target, a valid target and one history "
+                                                              "item)"), default=3,
+                    help="drop users with fewer interactions (default and minimum: 3)")
     il.add_argument("--train-samples", choices=["all", "last"], default="all")
     il.add_argument("--overwrite", action="store_true", help="replace a dataset folder raydpo wrote earlier")
     il.set_defaults(func=_cmd_import_logs)
@@ -229,8 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("data")
     st.add_argument("--scope", choices=["split_histories", "train_interactions"], default="split_histories")
     st.add_argument("--split", default="train", choices=["train", "valid", "test"])
-    st.add_argument("--cluster-k", type=int, default=3)
-    st.add_argument("--ignore-genres-above", type=float, default=None,
+    st.add_argument("--cluster-k", type=int_at_least(1), default=3)
+    st.add_argument("--ignore-genres-above", type=share, default=None,
                     help="leave out genres carried by more than this share of items (e.g. 0.9)")
     st.set_defaults(func=_cmd_stats)
 
@@ -248,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="pipeline YAML (see configs/)")
     r.add_argument("--from", dest="from_stage", help="force a rerun from this stage on")
     r.add_argument("--until", default="evaluate", help="stop after this stage")
-    r.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields, e.g. sampling.strategy=random")
+    r.add_argument("--set", action="append", nargs="+", metavar="KEY=VALUE",
+                   help="override config fields, e.g. sampling.strategy=random (repeatable; each key once)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=_cmd_run)
 
@@ -257,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("search_space", help="search space YAML (see search_spaces/)")
     t.add_argument("--out", help="result folder (default: RUN_DIR/tune/NAME)")
     t.add_argument("--resume", action="store_true", help="resume an interrupted search")
-    t.add_argument("--num-samples", type=int, help="override num_samples")
+    t.add_argument("--num-samples", type=int_at_least(1), help="override num_samples")
     t.set_defaults(func=_cmd_tune)
 
     te = sub.add_parser("tune-eval", help="re-evaluate the Pareto-front trials of a search on the test split")
     te.add_argument("search_dir")
-    te.add_argument("--top", type=int)
+    te.add_argument("--top", type=int_at_least(1))
     te.add_argument("--split", default="test", choices=["valid", "test"])
     te.set_defaults(func=_cmd_tune_eval)
 
@@ -278,21 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the embedded default: synthetic data, baseline predictions, evaluation")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--users", type=int, default=2000)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--users", type=int_at_least(10), default=2000)
+    demo.add_argument("--seed", type=int_at_least(0), default=0)
     demo.set_defaults(func=_cmd_demo)
     return p
 
 
+def _terminate_cleanly():
+    """SIGTERM (``kill``, ``ray job stop``) unwinds like Ctrl-C, so temporaries are removed on the
+    way out. Returns the previous handler (``None``: not installed)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+    previous = _terminate_cleanly()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except RaydpoError as e:
-        print(f"raydpo: error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
+    except (OSError, UnicodeError, RecursionError, MemoryError) as e:
+        # a last resort: the specific checks name the file and the record; this keeps a traceback out
+        if args.verbose:
+            logging.getLogger("raydpo").exception("unexpected error")
+        print_error(report_unexpected(e))
+        return 2
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

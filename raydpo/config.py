@@ -15,13 +15,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RaydpoError
+from . import checks
+from .errors import DataError, RaydpoError
 from .training.config import DSDPOSettings
+
+# checked when a config loads (before Ray starts or any model is touched); see raydpo.checks
+SafeName = Annotated[str, AfterValidator(lambda v: checks.check_name(v, "name"))]
+ModelName = Annotated[str, AfterValidator(checks.check_model_name)]
+StrategyName = Annotated[str, AfterValidator(checks.check_strategy)]
+LossName = Annotated[str, AfterValidator(checks.check_loss)]
+DeepSpeedName = Annotated[str | None, AfterValidator(checks.check_deepspeed)]
 
 
 class ConfigError(RaydpoError, ValueError):
@@ -53,7 +60,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name_or_path: str = "tiny"  # tiny | smollm2-135m | hub id | local folder
+    name_or_path: ModelName = "tiny"  # tiny | smollm2-135m | hub id | local folder (must exist)
     dtype: str = "auto"
 
 
@@ -95,7 +102,16 @@ class GenerationSection(Section):
 
 
 class SamplingSection(Section):
-    strategy: str = "clusterout_low"
+    # modules or .py files registering extra strategies; loaded before any strategy name is checked
+    plugins: list[str] = []
+    strategy: StrategyName = "clusterout_low"
+
+    @field_validator("plugins")
+    @classmethod
+    def _load_plugins(cls, v: list[str]) -> list[str]:
+        checks.load_plugins(v)
+        return v
+
     n_negatives: int = Field(1, ge=1)
     seed: int = 0
     cluster_k: int = Field(3, ge=1)
@@ -107,17 +123,17 @@ class SamplingSection(Section):
 class StageSection(Section):
     """One stage of a curriculum: its own negatives, loss, epochs and beta."""
 
-    name: str
-    strategy: str | None = None  # default: sampling.strategy
+    name: SafeName  # becomes a folder name
+    strategy: StrategyName | None = None  # default: sampling.strategy
     learning_rate: float | None = Field(None, gt=0)  # default: alignment.learning_rate
-    n_negatives: int | None = None
-    loss: str = "sigmoid"
+    n_negatives: int | None = Field(None, ge=1)
+    loss: LossName = "sigmoid"
     epochs: float = Field(1, gt=0)
     beta: float = Field(0.1, gt=0)
 
 
 class AlignmentSection(Section):
-    loss: str = "sigmoid"  # sigmoid (DPO, TRL) | TRL loss types | sdpo | dsdpo
+    loss: LossName = "sigmoid"  # sigmoid (DPO, TRL) | TRL loss types | sdpo | dsdpo
     beta: float = Field(0.1, gt=0)
     epochs: float = Field(1, gt=0)
     learning_rate: float = Field(1e-5, gt=0)
@@ -141,7 +157,7 @@ class PredictionSection(Section):
 
 class EvaluationSection(Section):
     split: Literal["valid", "test"] = "test"
-    ks: list[int] = [5, 10]
+    ks: list[Annotated[int, Field(ge=1)]] = Field([5, 10], min_length=1)
     protocol: Literal["reference", "valid_only"] = "reference"
     encoder: str = "minilm-onnx"
 
@@ -152,7 +168,7 @@ class RaySection(Section):
     num_workers: int = Field(1, ge=1)  # Ray Train workers per training run
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    deepspeed: str | None = None  # None | zero2 | zero3 | path to a JSON config
+    deepspeed: DeepSpeedName = None  # None | zero2 | zero3 | path to an existing JSON config
     generation_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(0, ge=0)
     shard_size: int = Field(256, ge=1)
@@ -160,7 +176,7 @@ class RaySection(Section):
 
 
 class PipelineConfig(Section):
-    name: str = "raydpo"
+    name: SafeName = "raydpo"
     run_dir: str = "runs"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -172,18 +188,33 @@ class PipelineConfig(Section):
     evaluation: EvaluationSection = EvaluationSection()
     ray: RaySection = RaySection()
 
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [s.name for s in self.alignment.stages]
+        dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if dup is not None:
+            raise ValueError(f"alignment.stages: two stages are named {dup!r} (each becomes a folder)")
+        if self.data.source == "synthetic" and max(self.evaluation.ks) > self.data.synthetic.n_items:
+            raise ValueError(f"evaluation.ks: k={max(self.evaluation.ks)} exceeds the catalog size "
+                             f"(data.synthetic.n_items = {self.data.synthetic.n_items})")
+        return self
+
 
 def _format_errors(err: ValidationError, source: str) -> str:
+    """Every error as ``SOURCE: key.path: message``, joined on one line with '; '."""
+    from .readers import one_line
+
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         got = e.get("input")
-        extra = f" (got {got!r})" if e["type"] != "extra_forbidden" and not isinstance(got, dict) else ""
-        lines.append(f"{source}: {loc}: {msg}{extra}")
-    return "\n".join(lines)
+        extra = (f" (got {one_line(repr(got), 80)})"
+                 if e["type"] not in ("extra_forbidden", "value_error") and not isinstance(got, dict) else "")
+        lines.append(f"{source}: {loc}: {msg}{extra}" if loc else f"{source}: {msg}")
+    return one_line("; ".join(lines), 2000)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -191,21 +222,36 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw: dict = {}
     source = str(path) if path else "<defaults>"
     if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        raw = read_config_mapping(path)
     for key, value in (overrides or {}).items():
         set_path(raw, key, value, source=source)
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+def read_config_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping; every failure is one ConfigError line naming the file: not
+    found, a folder, unreadable, not UTF-8, invalid YAML, duplicate keys (with their key path), empty,
+    or not a mapping."""
+    from .readers import read_yaml
+
+    p = Path(path)
+    if not p.exists() and not p.is_symlink():
+        raise ConfigError(f"{p}: {what} not found")
+    try:
+        raw = read_yaml(p, what=what)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if raw is None:
+        raise ConfigError(f"{p}: the {what} is empty (expected a YAML mapping of settings)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got a {type(raw).__name__}")
+    bad = next((k for k in raw if not isinstance(k, str)), None)
+    if bad is not None:
+        raise ConfigError(f"{p}: {bad!r}: keys must be strings")
+    return raw
 
 
 def config_fields() -> set[str]:

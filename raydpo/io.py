@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 _HOST = socket.gethostname().replace("-", "_").replace(".", "_") or "host"
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[^-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+(\.held)?$")
 
 
 def _tmp_name(path: Path) -> Path:
@@ -68,6 +68,19 @@ def sweep_stale(folder: str | Path, name: str | None = None) -> list[Path]:
     return removed
 
 
+def _fault_hold(tmp: Path) -> None:
+    """Fault injection for kill tests: ``RAYDPO_FAULT_HOLD_TMP=SECONDS`` waits with the temporary
+    complete but not yet renamed, so a test can kill the process at exactly that point."""
+    hold = os.environ.get("RAYDPO_FAULT_HOLD_TMP")
+    if hold:
+        import time
+
+        flag = tmp.parent / f"{tmp.name}.held"
+        flag.touch()
+        time.sleep(float(hold))
+        flag.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary path; on success rename it to ``path``, on error remove it.
@@ -84,6 +97,7 @@ def atomic_path(path: str | Path, kind: str | None = None) -> Iterator[Path]:
     tmp = _tmp_name(path)
     try:
         yield tmp
+        _fault_hold(tmp)
         if tmp.is_dir():
             if kind is not None and not (tmp / MARKER).exists():
                 write_marker(tmp, kind)

@@ -108,6 +108,11 @@ def run_data(ctx: Context, out: Path) -> dict:
                                       history_len=s.history_len, seed=s.seed))
     else:
         ds = load_dataset(d.path)
+    k = max(ctx.cfg.evaluation.ks)
+    if k > len(ds.catalog):  # checked as soon as the catalog is known, before any model is touched
+        from .config import ConfigError
+
+        raise ConfigError(f"evaluation.ks: k={k} exceeds the catalog size {len(ds.catalog)} of {d.path or 'the data'}")
     ds.save(out / "dataset")
     counts = ds.samples.frame["split"].value_counts().to_dict()
     return {"items": len(ds.catalog), "samples": counts}
@@ -235,7 +240,8 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     for s in (from_stage, until):
         if s is not None and s not in STAGES:
             raise RaydpoError(f"unknown stage {s!r}; stages are {list(STAGES)}")
-    ctx = Context(cfg, Path(run_dir or cfg.run_dir), stage_keys(cfg), progress=progress)
+    # absolute: Ray workers do not share the driver's working folder
+    ctx = Context(cfg, Path(run_dir or cfg.run_dir).expanduser().absolute(), stage_keys(cfg), progress=progress)
     from .outputs import check_output, claim_folder
 
     # never into a folder raydpo did not write, nor onto the input data

@@ -44,7 +44,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_search_space_validation(tmp_path):
     base = _write(tmp_path, "base.yaml", "name: b\n")
-    good = _write(tmp_path, "s.yaml", "base: base.yaml\nspace:\n  sampling.strategy: {choice: [a, b]}\n"
+    good = _write(tmp_path, "s.yaml", "base: base.yaml\nspace:\n  sampling.strategy: {choice: [random, top_n]}\n"
                                       "  alignment.beta: {loguniform: [0.01, 1]}\n")
     space, cfg = load_search_space(good)
     assert cfg.evaluation.split == "valid" and space.objectives == {"NDCG@10": "max", "ORRatio@10": "min"}

@@ -100,6 +100,9 @@ def cluster_genres(
     ignore_genres_above: float | None = None,
 ) -> np.ndarray:
     """Boolean mask over ``catalog.genre_vocab``: which genres may enter an interest cluster."""
+    if ignore_genres_above is not None and not 0 < ignore_genres_above <= 1:  # also refuses nan
+        raise DataError(f"must be a share in (0, 1], got {ignore_genres_above!r} (it would empty every cluster)",
+                        field="ignore_genres_above")
     unknown = [g for g in ignore_genres if g not in catalog.genre_vocab]
     if unknown:
         raise DataError(f"unknown genres {unknown}; the catalog has {list(catalog.genre_vocab)}",

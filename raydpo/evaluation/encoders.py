@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -137,6 +138,7 @@ class SentenceTransformerEncoder:
                                  convert_to_numpy=True, normalize_embeddings=False).astype(np.float32)
 
 
+log = logging.getLogger(__name__)
 _CACHE: dict[str, Encoder] = {}
 
 
@@ -160,18 +162,47 @@ def cache_dir() -> Path:
 
 
 def catalog_embeddings(encoder: Encoder, titles: Sequence[str], progress: bool = False) -> np.ndarray:
-    """Embeddings of catalog titles (as written, in id order), cached per (encoder, catalog)."""
+    """Embeddings of catalog titles (as written, in id order), cached per (encoder, catalog).
+
+    Each cache entry stores its key and the sha256 of its values: a truncated or corrupted entry
+    (or one of another catalog) is rebuilt, with one line saying so, never used."""
     h = hashlib.sha256(encoder.identity.encode())
     for t in titles:
         h.update(t.encode())
         h.update(b"\0")
-    path = cache_dir() / "embeddings" / f"{h.hexdigest()[:24]}.npy"
+    key = h.hexdigest()
+    path = cache_dir() / "embeddings" / f"{key[:24]}.npz"
     if path.exists():
-        emb = np.load(path)
-        if emb.shape[0] == len(titles):
+        emb = _load_cached(path, key, len(titles))
+        if emb is not None:
             return emb
     emb = encoder.encode(titles, progress=progress)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, emb)
+            np.savez(f, embeddings=emb, key=np.array(key), sha256=np.array(_digest(emb)))
     return emb
+
+
+def _digest(emb: np.ndarray) -> str:
+    return hashlib.sha256(str(emb.shape).encode() + np.ascontiguousarray(emb).tobytes()).hexdigest()
+
+
+def _load_cached(path: Path, key: str, n: int) -> np.ndarray | None:
+    """The cached embeddings if the entry is whole and belongs to ``key``; else ``None`` (logged)."""
+    import zipfile
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            emb, stored_key, stored_sha = z["embeddings"], str(z["key"]), str(z["sha256"])
+        problem = None
+        if stored_key != key or emb.shape[0] != n:
+            problem = "belongs to another catalog or encoder"
+        elif _digest(emb) != stored_sha:
+            problem = "checksum mismatch (corrupted)"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        problem = f"unreadable ({type(e).__name__})"
+    if problem is None:
+        return emb
+    log.warning("embedding cache %s: %s; rebuilding it", path, problem)
+    return None

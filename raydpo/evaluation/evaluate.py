@@ -130,10 +130,10 @@ def evaluate(
         raise DataError(f"k={ks[-1]} exceeds the catalog size {len(catalog)}", field="k")
     if isinstance(protocol, str):
         protocol = Protocol.named(protocol)
+    if check:  # before the encoder is loaded: bad input fails fast
+        predictions.check_against(dataset, split)
     if isinstance(encoder, str):
         encoder = get_encoder(encoder)
-    if check:
-        predictions.check_against(dataset, split)
 
     texts = [extract_title(p) for p in predictions.predictions]
     not_in = torch.tensor([catalog.id_of(t) == UNKNOWN_ITEM for t in texts])

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, RaydpoError
-from ..prompt import encode_response
+from ..prompt import encode_response, encode_user_text
 
 log = logging.getLogger(__name__)
 ROOT = 0
@@ -120,7 +120,7 @@ class TitleTrie:
             raise RaydpoError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token")
         seqs = []
         for i, t in enumerate(titles):
-            if not tokenizer(t, add_special_tokens=False)["input_ids"]:
+            if not encode_user_text(tokenizer, t):
                 raise DataError(f"title {t!r} tokenises to nothing", record=i, field="title")
             seqs.append(encode_response(tokenizer, t))
         return cls.from_sequences(seqs, tokenizer.eos_token_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli_args import int_at_least, number_above, share
 from ..errors import RaydpoError
 
 
@@ -50,7 +51,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.save_lightgcn:
         check_output(Path(args.save_lightgcn).with_suffix(".npz"), kind="lightgcn", folder=False,
                      inputs=[*inputs, out], overwrite=args.overwrite, option="--save-lightgcn")
-    lightgcn = args.lightgcn
+    # every input and option is checked before any expensive work (LightGCN training, selection)
+    if as_file and len(strategies) != 1:
+        raise RaydpoError(f"{out}: one output file but {len(strategies)} strategies; give a folder instead")
+    from .annotate import annotate
+
+    ann = annotate(ds, args.candidates, exposure_scope=args.exposure_scope, cluster_k=args.cluster_k,
+                   ignore_genres=tuple(args.ignore_genres), ignore_genres_above=args.ignore_genres_above,
+                   on_unknown_item=args.on_unknown_item)
+    lightgcn = LightGCN.load(args.lightgcn) if args.lightgcn else None
     if lightgcn is None and any(s.needs_embeddings for s in strategies):
         cfg = LightGCNConfig(seed=args.seed, epochs=args.lightgcn_epochs)
         model = LightGCN.fit(ds, cfg)
@@ -62,12 +71,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
             record_file(model.save(args.save_lightgcn), "lightgcn")
         lightgcn = model
-    kwargs = dict(exposure_scope=args.exposure_scope, cluster_k=args.cluster_k, ignore_genres=tuple(args.ignore_genres),
-                  ignore_genres_above=args.ignore_genres_above, on_unknown_item=args.on_unknown_item,
-                  lightgcn=lightgcn, embedding_kind=args.embedding_kind, batch_size=args.batch_size)
+    kwargs = dict(lightgcn=lightgcn, embedding_kind=args.embedding_kind, batch_size=args.batch_size)
     if args.ray:
         kwargs["num_cpus"] = args.num_cpus
-    sample_to_file(ds, args.candidates, [s.name for s in strategies], out, seed=args.seed,
+    sample_to_file(ds, ann, [s.name for s in strategies], out, seed=args.seed,
                    n_negatives=args.n_negatives, use_ray=args.ray, quiet=args.quiet, fmt=args.format,
                    pairs=args.pairs, **kwargs)
     return 0
@@ -83,8 +90,8 @@ def add_sampling_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder")
     p.add_argument("--candidates", help="candidate-generation folder (with _SUCCESS) or a candidates .parquet")
     p.add_argument("--strategy", nargs="+", help="strategy name(s); several share one annotation")
-    p.add_argument("--n-negatives", type=int, default=None, help="negatives per pick (default: the strategy's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-negatives", type=int_at_least(1), default=None, help="negatives per pick (default: the strategy's)")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out", help="FILE.parquet | FILE.jsonl (one strategy) or a folder (default: "
                                  "negatives/<strategy>.<format> beside a candidates file; CAND_DIR-negatives/ beside a candidates folder)")
     p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet", help="file format inside a folder")
@@ -92,18 +99,18 @@ def add_sampling_parser(subparsers) -> argparse.ArgumentParser:
                    help="write TRL pairs (rejected: str): the first negative, or one row per negative "
                         "(default: lists, rejected: [...], for S-DPO)")
     p.add_argument("--ray", action="store_true", help="select in a Ray Data map (large candidate sets)")
-    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per Ray task (fractional)")
-    p.add_argument("--batch-size", type=int, default=16384, help="records per vectorised chunk")
+    p.add_argument("--num-cpus", type=number_above(0), default=0.5, help="CPUs per Ray task (fractional)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16384, help="records per vectorised chunk")
     p.add_argument("--exposure-scope", choices=["split_histories", "train_interactions"], default="split_histories")
-    p.add_argument("--cluster-k", type=int, default=3)
+    p.add_argument("--cluster-k", type=int_at_least(1), default=3)
     p.add_argument("--ignore-genres", nargs="*", default=[], help="genres never part of an interest cluster")
-    p.add_argument("--ignore-genres-above", type=float, default=None,
+    p.add_argument("--ignore-genres-above", type=share, default=None,
                    help="leave genres carried by more than this share of items out of clusters (e.g. 0.9)")
     p.add_argument("--on-unknown-item", choices=["error", "drop"], default="error",
                    help="candidate ids outside the catalog: fail (default) or drop and count")
     p.add_argument("--lightgcn", help="LightGCN embeddings (.npz from --save-lightgcn); default: train one")
     p.add_argument("--save-lightgcn", help="save the trained LightGCN embeddings here (.npz)")
-    p.add_argument("--lightgcn-epochs", type=int, default=30)
+    p.add_argument("--lightgcn-epochs", type=int_at_least(1), default=30)
     p.add_argument("--embedding-kind", choices=["propagated", "layer0"], default="propagated",
                    help="LightGCN output (default) or the layer-0 vectors the reference used")
     p.add_argument("--plugin", action="append", help="module or .py file registering extra strategies (repeatable)")

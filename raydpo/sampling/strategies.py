@@ -185,22 +185,72 @@ def describe_strategies() -> str:
     return "\n".join(f"{n:<{width}}  {s.headline}" for n, s in _REGISTRY.items())
 
 
+_LOADED_FILES: dict[str, tuple[str, ...]] = {}
+
+
 def load_plugin(spec: str) -> None:
-    """Import a module (``pkg.mod``) or a Python file (``path/to/file.py``) that registers strategies."""
+    """Import a module (``pkg.mod``) or a Python file (``path/to/file.py``) that registers strategies.
+
+    Whatever goes wrong (not found, not UTF-8, a syntax error, an exception while importing) is
+    one RaydpoError line naming the plugin and the error; nothing half-imported stays registered
+    in ``sys.modules``."""
+    from ..readers import check_file, decode_utf8, one_line, read_bytes
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise RaydpoError(f"strategy plugin: expected a module name or a .py file, got {spec!r}")
     if spec.endswith(".py"):
-        path = Path(spec)
-        if not path.exists():
-            raise DataError("plugin file not found", path=path)
+        path = check_file(spec, "plugin file")
+        key = str(path.resolve())
+        if key in _LOADED_FILES and all(n in _REGISTRY for n in _LOADED_FILES[key]):
+            return  # loaded already (configs are validated more than once); its strategies are there
+        before = set(_REGISTRY)
+        source = decode_utf8(read_bytes(path, "plugin file"), path)
         mod_name = f"raydpo_plugin_{path.stem}"
         spec_ = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec_)
         sys.modules[mod_name] = module
-        spec_.loader.exec_module(module)
+        try:
+            exec(compile(source, str(path), "exec"), module.__dict__)
+        except SyntaxError as e:
+            sys.modules.pop(mod_name, None)
+            raise RaydpoError(f"strategy plugin {spec}: syntax error at line {e.lineno}: {one_line(e.msg)}") from None
+        except BaseException as e:  # noqa: BLE001 - a plugin may raise anything while importing
+            sys.modules.pop(mod_name, None)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise RaydpoError(f"strategy plugin {spec} failed while importing: {_plugin_error(e, str(path))}") from None
+        _LOADED_FILES[key] = tuple(n for n in _REGISTRY if n not in before)
     else:
+        before = set(sys.modules)
         try:
             importlib.import_module(spec)
         except ImportError as e:
-            raise RaydpoError(f"cannot import strategy plugin {spec!r}: {e}") from None
+            raise RaydpoError(f"cannot import strategy plugin {spec!r}: {one_line(e)}") from None
+        except SyntaxError as e:
+            raise RaydpoError(f"strategy plugin {spec!r}: syntax error in {e.filename} at line {e.lineno}: "
+                              f"{one_line(e.msg)}") from None
+        except BaseException as e:  # noqa: BLE001
+            for m in set(sys.modules) - before:
+                sys.modules.pop(m, None)
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            raise RaydpoError(f"strategy plugin {spec!r} failed while importing: {_plugin_error(e)}") from None
+
+
+def _plugin_error(e: BaseException, filename: str | None = None) -> str:
+    """``Type: message (file, line N)`` of an exception raised by plugin code, on one line."""
+    import traceback
+
+    from ..readers import one_line
+
+    where = ""
+    frames = traceback.extract_tb(e.__traceback__)
+    mine = [f for f in frames if filename is None or f.filename == filename]
+    if mine:
+        where = f" ({Path(mine[-1].filename).name}, line {mine[-1].lineno})"
+    if isinstance(e, SystemExit):
+        return f"SystemExit({e.code!r}){where}"
+    return one_line(f"{type(e).__name__}: {e}{where}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,11 +36,19 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli_args import int_at_least
+from ..errors import RaydpoError
+
 
 def _overrides(data: dict, args: argparse.Namespace) -> dict:
     data = dict(data)
     if args.output_dir:
         data["output_dir"] = args.output_dir
+    if data.get("ray") is not None and not isinstance(data.get("ray"), dict):
+        from ..errors import RaydpoError
+
+        raise RaydpoError(f"{args.config}: ray: expected a mapping of Ray Train settings, got "
+                          f"{type(data['ray']).__name__}")
     ray = dict(data.get("ray") or {})
     for key in ("num_workers", "deepspeed", "max_failures", "storage_path"):
         v = getattr(args, key, None)
@@ -62,6 +70,10 @@ def _plan_dict(kind: str, data: dict) -> tuple[type, dict]:
     if "stages" in data:
         return Plan, data
     key = "sft" if kind == "sft" else next((k for k in ("dpo", "preference") if k in data), "dpo")
+    if data.get(key) is not None and not isinstance(data.get(key), dict):
+        from ..errors import RaydpoError
+
+        raise RaydpoError(f"{key}: expected a mapping of stage settings, got {type(data[key]).__name__}")
     stage = dict(data.get(key) or {})
     stage["kind"] = "sft" if kind == "sft" else "preference"
     rest = {k: v for k, v in data.items() if k not in ("sft", "dpo", "preference")}
@@ -73,7 +85,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .ray_train import run_plan
 
     data = _overrides(load_yaml(args.config), args)
-    cls, data = _plan_dict(args.train_command, data)
+    try:
+        cls, data = _plan_dict(args.train_command, data)
+    except RaydpoError as e:
+        raise RaydpoError(f"{args.config}: {e}") from None
     cfg = build(cls, data, what=str(args.config))
     plan = cfg if cls.__name__ == "Plan" else cfg.to_plan()
     from ..outputs import check_output
@@ -112,9 +127,9 @@ def add_training_parsers(subparsers) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("config", type=Path, help="YAML config")
         p.add_argument("--output-dir", help="override output_dir")
-        p.add_argument("--num-workers", type=int, help="Ray Train workers (0: in this process, no Ray)")
+        p.add_argument("--num-workers", type=int_at_least(0), help="Ray Train workers (0: in this process, no Ray)")
         p.add_argument("--deepspeed", help="zero2, zero3, a JSON file, or none")
-        p.add_argument("--max-failures", type=int, help="worker failures to recover from (resume from checkpoint)")
+        p.add_argument("--max-failures", type=int_at_least(-1), help="worker failures to recover from (resume from checkpoint)")
         p.add_argument("--storage-path", help="Ray Train storage (shared storage on a multi-node cluster)")
         p.add_argument("--gpu", action="store_true", help="GPU workers")
         p.add_argument("--check", action="store_true", help="only check the config and the data, then exit")

@@ -76,6 +76,20 @@ class ModelSettings(_Strict):
     adapter: str | None = None
     dtype: str = "auto"
 
+    @field_validator("name_or_path")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from ..checks import check_model_name
+
+        return check_model_name(v)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"adapter folder {v!r} does not exist")
+        return v
+
 
 # --- stages --------------------------------------------------------------------------------------
 
@@ -105,7 +119,8 @@ class _TrainStage(_Strict):
     @classmethod
     def _name_ok(cls, v: str | None) -> str | None:
         if v is not None and not _NAME.match(v):
-            raise ValueError(f"stage name {v!r} must be letters, digits, '_', '.' or '-'")
+            raise ValueError(f"stage name {v!r} must be letters, digits, '_', '.' or '-' (it names a folder; no "
+                             "'..', path separators or absolute paths)")
         return v
 
 
@@ -232,6 +247,13 @@ class SelfPlayConfig(_Strict):
     kind: Literal["selfplay"] = "selfplay"
     name: str | None = None
     split: str = "train"
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str | None) -> str | None:
+        from ..checks import check_name
+
+        return check_name(v, "stage name")  # the stage's output folder is named after it
     n_samples: int | None = Field(None, ge=1, description="rows sampled (seeded) from the split; all when null")
     seed: int = 0
     decode: dict[str, Any] = Field(default_factory=lambda: {"mode": "beam", "num_return_sequences": 1,
@@ -280,13 +302,20 @@ class RayTrainSettings(_Strict):
     deepspeed: str | None = None
     offload_optimizer: bool = False
     storage_path: str | None = None  # default: OUTPUT_DIR/ray
-    name: str | None = None
+    name: str | None = None  # the Ray Train run name (a folder under storage_path)
     max_failures: int = Field(0, ge=-1)
     checkpoint_keep: int | None = Field(2, ge=1)
     fail_at_step: int | None = Field(None, ge=1, description="testing: kill a worker at this step (after a 5 s wait "
                                       "so that Ray has registered its last checkpoint), first attempt only")
     fail_rank: int = Field(1, ge=0)
     torch_extensions_dir: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str | None) -> str | None:
+        from ..checks import check_name
+
+        return check_name(v, "run name")
 
     @field_validator("deepspeed")
     @classmethod
@@ -450,18 +479,11 @@ def build(cls, data: dict[str, Any] | BaseModel, what: str | None = None):
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    import yaml
+    """A training config's top-level mapping; every failure (not found, a folder, unreadable, not
+    UTF-8, malformed YAML, duplicate keys, empty, not a mapping) is one line naming the file."""
+    from ..config import read_config_mapping
 
-    p = Path(path)
-    if not p.is_file():
-        raise RaydpoError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RaydpoError(f"{p}: malformed YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RaydpoError(f"{p}: expected a mapping at the top level")
-    return data
+    return read_config_mapping(path)
 
 
 def load_config(path: str | Path, cls=Plan):

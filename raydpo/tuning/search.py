@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import ConfigError, PipelineConfig, check_field_path, load_config, with_overrides
+from ..config import (ConfigError, PipelineConfig, SafeName, _format_errors, check_field_path, load_config,
+                      read_config_mapping, with_overrides)
 from ..io import write_json, write_text
 from .pareto import pareto_front, plot_front
 
@@ -49,7 +49,7 @@ DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = None
+    name: SafeName | None = None  # becomes a folder name (default: the file's stem)
     base: str | None = None
     config: dict[str, Any] | None = None
     objectives: dict[str, str] = {"NDCG@10": "max", "ORRatio@10": "min"}
@@ -79,6 +79,18 @@ class SearchSpace(BaseModel):
             raise ValueError(f"sampler must be tpe, nsga2, random or grid, got {v!r}")
         return v
 
+    @field_validator("resources_per_trial")
+    @classmethod
+    def _resources(cls, v):
+        for k, x in v.items():
+            if not x >= 0:
+                raise ValueError(f"{k}: a resource amount must be >= 0, got {x}")
+        if not v.get("cpu", 1) > 0 and not any(x > 0 for x in v.values()):
+            raise ValueError(f"every trial needs some resources (cpu > 0), got {v}")
+        if "cpu" in v and not v["cpu"] > 0:
+            raise ValueError(f"cpu: a trial needs cpu > 0, got {v['cpu']}")
+        return v
+
     @field_validator("split")
     @classmethod
     def _split(cls, v):
@@ -90,18 +102,14 @@ class SearchSpace(BaseModel):
 def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
     """Parse and validate a search space and its base config; errors name the key path."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: search space not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    raw = read_config_mapping(p, "search space")
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{p}: {'.'.join(map(str, x['loc']))}: {'unknown field' if x['type'] == 'extra_forbidden' else x['msg']}"
-                 for x in e.errors()]
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(_format_errors(e, str(p))) from None
+    if not space.space:
+        raise ConfigError(f"{p}: space: empty; name at least one config field to search, e.g. "
+                          "sampling.strategy: {choice: [clusterout_low, random]}")
     for field_path, dist in space.space.items():
         check_field_path(field_path, f"{p}: space")
         if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
@@ -110,8 +118,19 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
         kind, arg = next(iter(dist.items()))
         if kind == "choice" and (not isinstance(arg, list) or not arg):
             raise ConfigError(f"{p}: space.{field_path}.choice: expected a non-empty list")
-        if kind != "choice" and (not isinstance(arg, list) or len(arg) != 2 or not arg[0] < arg[1]):
-            raise ConfigError(f"{p}: space.{field_path}.{kind}: expected [low, high] with low < high")
+        if kind != "choice":
+            number = int if kind == "int" else (int, float)
+            if (not isinstance(arg, list) or len(arg) != 2
+                    or not all(isinstance(x, number) and not isinstance(x, bool) for x in arg)
+                    or not all(math.isfinite(x) for x in arg) or not arg[0] < arg[1]):
+                what = "integers" if kind == "int" else "finite numbers"
+                raise ConfigError(f"{p}: space.{field_path}.{kind}: expected [low, high], {what} with low < high, "
+                                  f"got {arg!r}")
+            if kind == "loguniform" and not arg[0] > 0:
+                raise ConfigError(f"{p}: space.{field_path}.loguniform: expected 0 < low < high, got {arg!r}")
+        if space.sampler == "grid" and kind != "choice":
+            raise ConfigError(f"{p}: space.{field_path}: sampler grid needs choice distributions, got {kind} "
+                              "(a grid over a continuous range has no finite set of points)")
     if space.base and space.config:
         raise ConfigError(f"{p}: give either base or config, not both")
     if space.base:
@@ -125,8 +144,7 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
         try:
             cfg = _PC.model_validate(space.config or {})
         except ValidationError as e:
-            raise ConfigError("\n".join(f"{p}: config.{'.'.join(map(str, x['loc']))}: {x['msg']}"
-                                        for x in e.errors())) from None
+            raise ConfigError(_format_errors(e, f"{p}: config")) from None
     cfg = with_overrides(cfg, {"evaluation.split": space.split}, source=str(p))
     # every choice must produce a valid config
     for field_path, dist in space.space.items():
@@ -324,14 +342,29 @@ def evaluate_best(search_dir: str | Path, top: int | None = None, split: str = "
     """Re-run the Pareto-front trials' pipelines on ``split`` (reusing their trained adapters)."""
     from ..pipeline import run_pipeline
 
-    search_dir = Path(search_dir)
-    meta = pd.read_csv(search_dir / "pareto.csv")
-    info = yaml.safe_load((search_dir / "search.json").read_text())
-    space = SearchSpace.model_validate(info["space"])
-    base_path = search_dir / "base_config.json"
-    import json
+    from ..errors import DataError
+    from ..readers import check_folder, read_json
+    from ..report import _read_csv
 
-    base = PipelineConfig.model_validate(json.loads(base_path.read_text()))
+    search_dir = check_folder(search_dir, "search directory")
+    meta = _read_csv(search_dir / "pareto.csv", ("trial",))
+    info = read_json(search_dir / "search.json")
+    if not isinstance(info, dict) or not isinstance(info.get("space"), dict):
+        raise DataError("expected a JSON object with the search's 'space'", path=search_dir / "search.json",
+                        field="space")
+    try:
+        space = SearchSpace.model_validate(info["space"])
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, f"{search_dir / 'search.json'}: space")) from None
+    for p in space.space:
+        if p not in meta.columns:
+            raise DataError("missing column (a searched parameter)", path=search_dir / "pareto.csv", field=p)
+    base_path = search_dir / "base_config.json"
+    raw_base = read_json(base_path)
+    try:
+        base = PipelineConfig.model_validate(raw_base)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(base_path))) from None
     rows = []
     for _, r in meta.head(top or len(meta)).iterrows():
         params = {p: (r[p].item() if hasattr(r[p], "item") else r[p]) for p in space.space}
