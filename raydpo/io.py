@@ -77,8 +77,10 @@ def _fault_hold(tmp: Path) -> None:
 
         flag = tmp.parent / f"{tmp.name}.held"
         flag.touch()
-        time.sleep(float(hold))
-        flag.unlink()
+        try:
+            time.sleep(float(hold))
+        finally:
+            flag.unlink()
 
 
 @contextlib.contextmanager

@@ -274,7 +274,8 @@ def case(cid: str, *expect: str):
     return deco
 
 
-def corrupt_json_cases(prefix: str, target: str, make_argv, *, duplicate: str, top: str):
+def corrupt_json_cases(prefix: str, target: str, make_argv, *, duplicate: str, top: str,
+                       duplicate_text: str = "duplicate key"):
     """The same faults for one JSON file: not UTF-8, a folder, unreadable, nested 100,000 deep,
     malformed, empty, a duplicate key, a JSON value of the wrong kind at the top."""
 
@@ -310,7 +311,7 @@ def corrupt_json_cases(prefix: str, target: str, make_argv, *, duplicate: str, t
         "deep": "JSON nested too deeply to read",
         "malformed": "malformed JSON at line",
         "empty": "malformed JSON at line 1, column 1",
-        "duplicate": "duplicate key",
+        "duplicate": duplicate_text,
         "wrong_top": "expected a JSON",
     }
     for kind, text in expects.items():
@@ -392,7 +393,7 @@ def _(env):
     return _eval(env, env.preds(rows))
 
 
-@case("evaluate-pred-other-split", "pred.json:", "predictions but the valid split")
+@case("evaluate-pred-other-split", "pred.json: record 0, field 'ground_truth'", "but valid row 0 has target")
 def _(env):
     return _eval(env, None, "--split", "valid")
 
@@ -449,7 +450,7 @@ def _sprec_file(fname):
 
 
 corrupt_json_cases("sprec", "id2name.json", _sprec_file("id2name.json"),
-                   duplicate='{"0": "A", "0": "B"}', top='["A", "B"]')
+                   duplicate='{"0": "A", "0": "B"}', top='["A", "B"]', duplicate_text="duplicate item id '0'")
 corrupt_json_cases("sprec", "name2id.json", _sprec_file("name2id.json"),
                    duplicate='{"A": 0, "A": 1}', top='[0, 1]')
 corrupt_json_cases("sprec", "name2genre.json", _sprec_file("name2genre.json"),
@@ -1211,20 +1212,22 @@ def _plan(env, stages: str, extra: str = "") -> str:
 
 CONFIG_FAULTS = {
     "not-utf8": (b"name: caf\xe9\n", "not UTF-8 text: invalid byte 0xe9 at line 1"),
-    "empty": ("", "is empty"),
-    "comment-only": ("# nothing here\n", "is empty"),
+    "empty": ("", "is empty (expected a YAML mapping"),
+    "comment-only": ("# nothing here\n", "is empty (expected a YAML mapping"),
     "list": ("- a\n- b\n", "expected a mapping at the top level, got a list"),
     "malformed": ("a: [1,\n", "invalid YAML:"),
     "tab-indent": ("a:\n\tb: 1\n", "invalid YAML:"),
     "duplicate": ("alignment:\n  beta: 0.1\n  beta: -1\n", "alignment.beta: duplicate key 'beta' (lines 2 and 3)"),
 }
 for _kind, (_text, _msg) in CONFIG_FAULTS.items():
+    def _exp(fname, msg=_msg, kind=_kind):
+        return (f"{fname}: the ", msg) if kind in ("empty", "comment-only") else (f"{fname}: {msg}",)
     CASES.append(pytest.param((lambda t: lambda env: ["run", str(env.write("c.yaml", t))])(_text),
-                              (f"c.yaml: {_msg}",), id=f"run-config-{_kind}"))
+                              _exp("c.yaml"), id=f"run-config-{_kind}"))
     CASES.append(pytest.param((lambda t: lambda env: ["train", "dpo", str(env.write("t.yaml", t)), "--check"])(_text),
-                              (f"t.yaml: {_msg}",), id=f"train-config-{_kind}"))
+                              _exp("t.yaml"), id=f"train-config-{_kind}"))
     CASES.append(pytest.param((lambda t: lambda env: ["tune", str(env.write("s.yaml", t))])(_text),
-                              (f"s.yaml: {_msg}",), id=f"tune-space-{_kind}"))
+                              _exp("s.yaml"), id=f"tune-space-{_kind}"))
 
 for _cmd in (["run"], ["train", "sft"], ["tune"]):
     CASES.append(pytest.param((lambda c: lambda env: [*c, str(env.folder("cfg.yaml"))])(_cmd),
@@ -1377,7 +1380,7 @@ def _(env):
     return _train_yaml(env, _plan(env, f"  - {{{{name: a, data: {bad}}}}}\n"))
 
 
-@case("train-prefs-folder", "prefs.parquet:", "expected")
+@case("train-prefs-folder", "prefs.parquet: preference stages need a preference file")
 def _(env):
     d = env.folder("prefs.parquet")
     return _train_yaml(env, _plan(env, f"  - {{{{name: a, data: {d}}}}}\n"))
@@ -1389,7 +1392,7 @@ def _space(env, text, *extra):
 
 
 TUNE_SPACES = {
-    "space-empty": ("space: {}\n", "s.yaml: space: empty"),
+    "space-empty-mapping": ("space: {}\n", "s.yaml: space: empty"),
     "space-missing": ("num_samples: 2\n", "s.yaml: space: Field required"),
     "grid-over-uniform": ("sampler: grid\nspace:\n  alignment.beta: {uniform: [0.1, 0.5]}\n",
                           "s.yaml: space.alignment.beta: sampler grid needs choice distributions, got uniform"),
@@ -1546,6 +1549,16 @@ def _(env):
     return ["report", str(env.tmp / "run")]
 
 
+@case("demo-users-too-few", "demo: argument --users: must be an integer >= 10, got '3'")
+def _(env):
+    return ["demo", "--out", env.out(), "--users", "3"]
+
+
+@case("unknown-command", "argument COMMAND: invalid choice: 'evaluat'")
+def _(env):
+    return ["evaluat", "x"]
+
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
@@ -1646,6 +1659,32 @@ def test_bad_input_table(build, expect, table_base, tmp_path, monkeypatch, capsy
 
 def test_bad_input_table_size():
     assert len(CASES) >= 150
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["evaluate", "{bad}", "--data", "{data}"], "bad.json: not UTF-8 text"),
+    (["run", "{cfg}", "--set", "alignment.beta=[1,"], "--set 'alignment.beta=[1,': the value is not valid YAML"),
+    (["data", "import-logs", "--interactions", "{bad}", "--items", "{bad}", "--out", "{out}",
+      "--history-len", "0"], "argument --history-len: must be an integer >= 1"),
+], ids=["evaluate-not-utf8", "run-set-malformed", "import-logs-history-len"])
+def test_bad_input_in_a_subprocess(argv, expect, tmp_path, table_base):
+    """The same promise from a real process: status 2, one stderr line, no traceback."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(NOT_UTF8)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    args = [a.format(bad=bad, data=table_base["data"], cfg=cfg, out=tmp_path / "out") for a in argv]
+    before = _digest(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "raydpo.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    lines = r.stderr.rstrip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].startswith("raydpo: error: ") and expect in lines[0], r.stderr
+    assert _digest(tmp_path) == before
 
 
 def test_duplicate_interaction_rows_are_dropped_and_counted(tmp_path, caplog, capsys):

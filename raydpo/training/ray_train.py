@@ -143,6 +143,15 @@ def prepare(plan: Plan | dict) -> _Prepared:
     plan = build(Plan, plan)
     run_dir = Path(plan.output_dir).expanduser().resolve()
     dataset = load_dataset(plan.dataset) if plan.dataset else None
+    frames: dict[tuple[str, str], Any] = {}
+    for st in plan.stages:  # every data file is read and checked before a model or tokenizer is built
+        if isinstance(st, SelfPlayConfig):
+            continue
+        for key, src in (("path", st.data), ("eval_path", st.eval_data)):
+            if src is not None and not src.startswith("@"):
+                frames[(st.name, key)] = read_stage_frame(
+                    src, need_negatives=isinstance(st, PreferenceConfig), dataset=dataset, split=st.split,
+                    max_rows=st.max_rows if key == "path" else None)
     base = resolve_model_path(plan.model.name_or_path, catalog=dataset.catalog if dataset else None)
     if Path(base).exists():
         base = str(Path(base).resolve())
@@ -197,8 +206,7 @@ def prepare(plan: Plan | dict) -> _Prepared:
             if src is None or src.startswith("@"):
                 entry[key] = src
                 continue
-            frame = read_stage_frame(src, need_negatives=pref, dataset=dataset, split=st.split,
-                                     max_rows=st.max_rows if key == "path" else None)
+            frame = frames[(st.name, key)]
             if "betas" in frame.columns:
                 frame = frame.drop(columns=["betas"])  # recomputed below for DS-DPO, ignored otherwise
             if pref and st.loss == "dsdpo":
