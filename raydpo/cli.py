@@ -134,7 +134,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .tuning.search import run_search
 
-    run_search(args.search_space, out_dir=args.out, resume=args.resume, num_samples=args.num_samples)
+    run_search(args.search_space, out_dir=args.out, resume=args.resume, num_samples=args.num_samples,
+               name=args.name)
     return 0
 
 
@@ -146,9 +147,17 @@ def _cmd_tune_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .outputs import record_file
     from .report import report
 
-    report(args.path, args.out)
+    if args.out:  # the default (inside the run or search folder) is raydpo's own place
+        out = Path(args.out)
+        for p, kind in ((out, "report"), (out.with_suffix(".png"), "report-plot")):
+            _check_out(args, p, kind=kind, folder=False, option="--out")
+    written = report(args.path, args.out)
+    if args.out:
+        record_file(written, "report")
+        record_file(Path(written).with_suffix(".png"), "report-plot")
     return 0
 
 
@@ -157,14 +166,18 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from .tuning.search import run_search
 
     root = Path(__file__).resolve().parents[1]
-    result = run_search(root / "search_spaces" / "quickstart.yaml", out_dir=args.out)
+    # a Ray instance of its own, never a cluster that happens to run on this machine
+    result = run_search(root / "search_spaces" / "quickstart.yaml", out_dir=args.out, ray_address="local")
     report(result.out_dir)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .outputs import claim_folder
 
+    _check_out(args, args.out, kind="demo", folder=True, resumable=True)
+    claim_folder(args.out, "demo")
     run_demo(Path(args.out), n_users=args.users, seed=args.seed)
     return 0
 
@@ -255,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="multi-objective Ray Tune + Optuna search (Pareto front)",
                        description="Search pipeline configs; rank trials on NDCG (max) and ORRatio (min).")
     t.add_argument("search_space", help="search space YAML (see search_spaces/)")
-    t.add_argument("--out", help="result folder (default: RUN_DIR/tune/NAME)")
-    t.add_argument("--resume", action="store_true", help="resume an interrupted search")
+    t.add_argument("--out", help="result folder (default: STORAGE_ROOT/tune/NAME with a storage root "
+                                 "(ray.storage_path or RAYDPO_STORAGE), else RUN_DIR/tune/NAME)")
+    t.add_argument("--name", help="the search's name (default: the file's name: field, else its stem); "
+                                  "--resume finds a search by it")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the search of this name (under the storage root), or say there is none")
     t.add_argument("--num-samples", type=int_at_least(1), help="override num_samples")
     t.set_defaults(func=_cmd_tune)
 
@@ -268,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="markdown table (published style) and plots of a run or a search")
     rp.add_argument("path", help="a pipeline run directory or a search directory")
-    rp.add_argument("--out", help="markdown file (default: PATH/report.md)")
+    rp.add_argument("--out", help="markdown file (default: PATH/report.md); the plot goes beside it (.png)")
+    rp.add_argument("--overwrite", action="store_true", help="replace a report raydpo wrote earlier at --out")
     rp.set_defaults(func=_cmd_report)
 
     q = sub.add_parser("quickstart", help="the main job on the embedded default: tiny model, synthetic data, "

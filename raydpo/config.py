@@ -50,18 +50,29 @@ class SyntheticData(Section):
 class DataConfig(Section):
     source: Literal["synthetic", "path"] = "synthetic"
     path: str | None = None  # a raydpo or SPRec-format folder (source: path)
+    # a public dataset fetched into `path` when it is missing (relative paths: under the storage
+    # root), so that a job brings its data with it; fetch_url: a mirror (BASE/<file>)
+    fetch: Literal["goodreads"] | None = None
+    fetch_url: str | None = None
     synthetic: SyntheticData = SyntheticData()
 
     @model_validator(mode="after")
     def _path_needed(self):
         if self.source == "path" and not self.path:
             raise ValueError("data.path is required when data.source is 'path'")
+        if self.fetch and self.source != "path":
+            raise ValueError("data.fetch needs data.source 'path' (the folder it fetches into)")
         return self
 
 
 class ModelConfig(Section):
     name_or_path: ModelName = "tiny"  # tiny | smollm2-135m | hub id | local folder (must exist)
     dtype: str = "auto"
+    # bitsandbytes: nf4 = the published QLoRA recipe (raydpo.quantization); needs raydpo[quant]
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # the nf4 matmuls
+    # false: candidate generation and prediction load the base unquantised (in dtype), as published
+    quantize_inference: bool = True
 
 
 class LoraConfigSection(Section):
@@ -77,6 +88,7 @@ class SFTSection(Section):
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)  # then linear decay
     max_length: int = Field(512, ge=16)
     lora: LoraConfigSection = LoraConfigSection()
     full_finetune: bool = False
@@ -139,6 +151,7 @@ class AlignmentSection(Section):
     learning_rate: float = Field(1e-5, gt=0)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)  # of every stage, then linear decay (the published DPO: 20)
     max_length: int = Field(512, ge=16)
     reference: Literal["adapter_disabled", "precomputed", "previous_stage", "sft"] = "adapter_disabled"
     # DS-DPO: embeddings, distance, beta_min, ... (checked when the config loads)
@@ -194,6 +207,12 @@ class PipelineConfig(Section):
         dup = next((n for i, n in enumerate(names) if n in names[:i]), None)
         if dup is not None:
             raise ValueError(f"alignment.stages: two stages are named {dup!r} (each becomes a folder)")
+        from .quantization import combination_error
+
+        err = combination_error(self.model.quantization, deepspeed=self.ray.deepspeed,
+                                full_finetune=self.sft.enabled and self.sft.full_finetune)
+        if err is not None:
+            raise ValueError(err)
         if self.data.source == "synthetic" and max(self.evaluation.ks) > self.data.synthetic.n_items:
             raise ValueError(f"evaluation.ks: k={max(self.evaluation.ks)} exceeds the catalog size "
                              f"(data.synthetic.n_items = {self.data.synthetic.n_items})")

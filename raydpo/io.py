@@ -138,17 +138,11 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; malformed JSON raises a DataError naming the file, line and column."""
-    from .errors import DataError
+    """Read a JSON file; any problem (missing, a folder, unreadable, not UTF-8, malformed, too
+    deep, duplicate keys) raises one DataError line naming the file (see :mod:`raydpo.readers`)."""
+    from .readers import read_json as _read
 
-    path = Path(path)
-    if not path.exists():
-        raise DataError("file not found", path=path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}", path=path) from None
+    return _read(path)
 
 
 @contextlib.contextmanager

@@ -261,6 +261,9 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     catalog: "Catalog | None" = None,
+    quantization: str = "none",
+    compute_dtype: str = "auto",
+    gradient_checkpointing: bool = False,
 ):
     """Load a causal LM and its tokenizer; see the module docstring for the names accepted.
 
@@ -268,10 +271,24 @@ def load_model(
     trainable when ``trainable``. ``dtype="auto"``: bf16 on CUDA, fp32 on CPU; ``device="auto"``:
     CUDA when available. The model is in eval mode unless ``trainable``. Returns
     ``(model, tokenizer)``; the tokenizer pads on the left and has a pad and an EOS token.
+
+    ``quantization``: ``none``, ``nf4`` (4-bit NormalFloat, matmuls in ``compute_dtype``, no
+    double quantisation: the published QLoRA recipe) or ``int8`` (LLM.int8), through
+    bitsandbytes on CPU or CUDA (:mod:`raydpo.quantization`). The modules it leaves unquantised
+    are fp32 (``dtype`` then does not apply); a trainable quantised model goes through peft's
+    ``prepare_model_for_kbit_training`` (``gradient_checkpointing`` as asked) before its adapter.
     """
+    from .quantization import bnb_config, check_compute_dtype, check_quantization
+
     # every check that needs no loading comes first
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    try:
+        quantization = check_quantization(quantization)
+        compute_dtype = check_compute_dtype(compute_dtype)
+    except ValueError as e:
+        raise RaydpoError(str(e)) from None
+    quant = bnb_config(quantization, compute_dtype, dev)
     adapter_path = None
     if adapter is not None:
         adapter_path = str(adapter)
@@ -287,8 +304,15 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quant is not None:  # one path for CPU and CUDA; bitsandbytes places the packed weights itself
+        import torch
+
+        kwargs = {"dtype": torch.float32, "quantization_config": quant,
+                  "device_map": {"": (dev.index if dev.index is not None else torch.cuda.current_device())
+                                 if dev.type == "cuda" else str(dev)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise RaydpoError(f"cannot load model {name_or_path!r} ({path}): {e}") from None
     if getattr(model.config, "pad_token_id", None) is None:
@@ -296,7 +320,16 @@ def load_model(
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
         gen.pad_token_id = tokenizer.pad_token_id
-    model.to(dev)
+    if quant is not None:
+        from .quantization import pin_cpu_kernel
+
+        pin_cpu_kernel(model)  # bitsandbytes 0.50.2's CPU repacking corrupts weights (see there)
+    if quant is None:
+        model.to(dev)
+    elif trainable:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if adapter_path is not None:
         from peft import PeftModelForCausalLM
 
@@ -306,7 +339,8 @@ def load_model(
             model = PeftModelForCausalLM.from_pretrained(model, adapter_path, is_trainable=trainable)
         except (OSError, ValueError) as e:
             raise RaydpoError(f"cannot load adapter {adapter_path!r} onto {name_or_path!r}: {e}") from None
-        model.to(dev)
+        if quant is None:
+            model.to(dev)
     if trainable:
         model.train()
     else:

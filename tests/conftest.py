@@ -41,11 +41,12 @@ def _cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance per test session (starting Ray costs seconds)."""
+    """One local Ray instance per test session (starting Ray costs seconds), always its own
+    (``address="local"``): never a cluster already running on this machine."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
 
 

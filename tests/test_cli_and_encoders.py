@@ -62,7 +62,7 @@ def test_catalog_embedding_cache(tmp_path, monkeypatch):
     c = catalog_embeddings(enc, ["x", "y"])
     assert calls == [3, 2]
     assert np.array_equal(a, b) and np.array_equal(a[:2], c)
-    assert len(list((tmp_path / "embeddings").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "embeddings").glob("*.npz"))) == 2
 
 
 def test_sentence_transformers_encoder_from_a_local_folder():

@@ -76,3 +76,58 @@ def test_shipped_search_spaces_and_configs_load():
         load_search_space(f)
     for f in sorted((root / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_repeated_set_flags_accumulate():
+    from raydpo.cli import _parse_sets, build_parser
+
+    args = build_parser().parse_args(["run", "c.yaml", "--set", "alignment.beta=0.2", "sampling.strategy=random",
+                                      "--set", "alignment.epochs=2"])
+    sets = _parse_sets(args.set)
+    assert sets == {"alignment.beta": 0.2, "sampling.strategy": "random", "alignment.epochs": 2}
+    cfg = load_config(None, sets)
+    assert (cfg.alignment.beta, cfg.sampling.strategy, cfg.alignment.epochs) == (0.2, "random", 2)
+
+
+def test_yaml_duplicate_keys_are_refused_but_merge_keys_may_override(tmp_path):
+    with pytest.raises(ConfigError, match=r"d.yaml: alignment.beta: duplicate key 'beta' \(lines 2 and 3\)"):
+        load_config(_write(tmp_path, "d.yaml", "alignment:\n  beta: 0.1\n  beta: -1\n"))
+    from raydpo.readers import loads_yaml
+
+    assert loads_yaml("b: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n", "m.yaml") == {"b": {"x": 1, "y": 2},
+                                                                                 "c": {"x": 3, "y": 2}}
+
+
+def test_strategies_of_config_plugins_are_known_at_load(tmp_path):
+    from raydpo.sampling import unregister_strategy
+
+    plugin = _write(tmp_path, "myplug.py", "from raydpo.sampling import register_strategy\n\n"
+                                           "@register_strategy('cfg_plugin_first')\n"
+                                           "def first(ctx):\n    '''The first candidate.'''\n"
+                                           "    return list(ctx.items[:1])\n")
+    try:
+        cfg = load_config(_write(tmp_path, "c.yaml", f"sampling: {{plugins: [{plugin}], strategy: cfg_plugin_first}}\n"))
+        assert cfg.sampling.strategy == "cfg_plugin_first"
+        # validated again (search-space choices, Tune trials): the plugin is not re-imported
+        assert with_overrides(cfg, {"alignment.beta": 0.3}).sampling.plugins == [str(plugin)]
+    finally:
+        unregister_strategy("cfg_plugin_first")
+    with pytest.raises(ConfigError, match="sampling.strategy: unknown strategy 'cfg_plugin_second'"):
+        load_config(_write(tmp_path, "d.yaml", "sampling: {strategy: cfg_plugin_second}\n"))
+
+
+def test_names_that_become_paths_are_checked_at_load(tmp_path):
+    from raydpo.training.config import Plan, build
+    from raydpo.errors import RaydpoError
+
+    for text, where in (("name: ../x\n", "name: name '../x'"),
+                        ("alignment:\n  stages:\n    - {name: /abs}\n", "alignment.stages.0.name: name '/abs'")):
+        with pytest.raises(ConfigError, match=where):
+            load_config(_write(tmp_path, "c.yaml", text))
+    base = {"model": {"name_or_path": "org/some-model"}, "output_dir": str(tmp_path / "o"), "ray": {"num_workers": 0}}
+    with pytest.raises(RaydpoError, match=r"stage name '\.\./\.\./somewhere' is not a safe name"):
+        build(Plan, {**base, "dataset": str(tmp_path), "stages": [{"kind": "selfplay", "name": "../../somewhere"}]})
+    with pytest.raises(RaydpoError, match=r"run name 'a/b' is not a safe name"):
+        build(Plan, {**base, "ray": {"num_workers": 0, "name": "a/b"}, "stages": [{"kind": "sft", "data": "x"}]})
+    # hub ids stay allowed without a local folder; local-looking paths must exist
+    assert build(Plan, {**base, "stages": [{"kind": "sft", "data": "x"}]}).model.name_or_path == "org/some-model"

@@ -15,6 +15,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="tiny | smollm2-135m | hub id | local folder (default: tiny)")
     p.add_argument("--adapter", help="LoRA adapter folder")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"],
+                   help="load the base quantised with bitsandbytes (nf4: the QLoRA recipe; needs raydpo[quant])")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="dtype of the nf4 matmuls (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--actors", type=int_at_least(1), default=1, help="Ray Data actors, one model each (default 1)")
     p.add_argument("--gpus-per-actor", type=number_above(0, inclusive=True), default=0.0)
     p.add_argument("--cpus-per-actor", type=number_above(0), default=None,
@@ -42,7 +46,9 @@ def _run(task: str, args: argparse.Namespace, decode: DecodeConfig, splits: list
     local = [p for p in (args.model, args.adapter) if p and Path(p).exists()]
     check_output(args.out, kind=task, folder=True, inputs=[args.data, *local], overwrite=args.overwrite,
                  resumable=True)
-    run_sharded(task, args.data, args.out, ModelSpec(args.model, args.adapter, args.dtype), decode, splits,
+    spec = ModelSpec(args.model, args.adapter, args.dtype, quantization=args.quantization,
+                     compute_dtype=args.compute_dtype)
+    run_sharded(task, args.data, args.out, spec, decode, splits,
                 Resources(args.actors, args.gpus_per_actor, args.cpus_per_actor, args.shard_size),
                 limit=args.limit, overwrite=args.overwrite, progress=not args.quiet)
     return 0
@@ -63,6 +69,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if str(args.dtype).lower() not in ("auto", "float32", "fp32", "float", "bfloat16", "bf16", "float16", "fp16",
                                        "half"):
         raise RaydpoError(f"--dtype: expected auto, float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.quantization != "none":
+        from ..quantization import require_bitsandbytes
+
+        require_bitsandbytes(args.quantization)
     load_dataset(args.data)  # every data file is checked here, naming the file and the record
 
 

@@ -40,12 +40,15 @@ Task = Literal["candidates", "predictions"]
 @dataclass
 class ModelSpec:
     """Which model decodes: a preset (``tiny``, ``smollm2-135m``), a hub id or a local folder,
-    optionally with a LoRA adapter."""
+    optionally with a LoRA adapter; ``quantization`` ``nf4`` / ``int8`` loads the base quantised
+    (:mod:`raydpo.quantization`)."""
 
     name_or_path: str = "tiny"
     adapter: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    quantization: str = "none"
+    compute_dtype: str = "auto"
 
 
 @dataclass
@@ -89,7 +92,7 @@ class ShardWorker:
         self.fail_shards = set(fail_shards)  # fault injection for tests
         spec = ModelSpec(**model)
         m, tok = load_model(spec.name_or_path, adapter=spec.adapter, dtype=spec.dtype, device=spec.device,
-                            catalog=ds.catalog)
+                            catalog=ds.catalog, quantization=spec.quantization, compute_dtype=spec.compute_dtype)
         self.gen = CandidateGenerator(m, tok, ds.catalog, DecodeConfig(**decode), instruction=ds.instruction)
 
     def __call__(self, batch: dict) -> dict:
@@ -132,6 +135,16 @@ def _fingerprint(data_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _model_key(model: ModelSpec) -> dict:
+    """The model part of a run's key (without the quantization settings when unquantised, so
+    the keys of runs from before quantization existed stay valid)."""
+    d = asdict(model)
+    if d.get("quantization", "none") == "none":
+        d.pop("quantization", None)
+        d.pop("compute_dtype", None)
+    return d
+
+
 def run_sharded(
     task: Task,
     data_dir: str | Path,
@@ -159,7 +172,7 @@ def run_sharded(
     n_shards = (len(frame) + resources.shard_size - 1) // resources.shard_size
     config = {"task": task, "data": str(Path(data_dir).resolve()), "data_fingerprint": _fingerprint(data_dir),
               "splits": list(splits), "limit": limit, "rows": len(frame), "shard_size": resources.shard_size,
-              "model": asdict(model), "decode": decode.to_dict()}
+              "model": _model_key(model), "decode": decode.to_dict()}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     run_file = out / "run.json"
     from ..outputs import claim_folder, marker_kind

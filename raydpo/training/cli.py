@@ -28,6 +28,9 @@ Examples::
     selfplay: {n_samples: 2048}
     sft: {epochs: 1, learning_rate: 2.0e-5}
     dpo: {loss: sigmoid, beta: 0.1, learning_rate: 2.0e-5}
+
+    # QLoRA, as the published runs trained (any of the above; or --quantization nf4)
+    model: {name_or_path: HuggingFaceTB/SmolLM2-1.7B-Instruct, quantization: nf4, compute_dtype: bfloat16}
 """
 
 from __future__ import annotations
@@ -57,6 +60,12 @@ def _overrides(data: dict, args: argparse.Namespace) -> dict:
     if args.gpu:
         ray["use_gpu"] = True
     data["ray"] = ray
+    quant = {k: getattr(args, k, None) for k in ("quantization", "compute_dtype")}
+    if any(v is not None for v in quant.values()):
+        if data.get("model") is not None and not isinstance(data.get("model"), dict):
+            raise RaydpoError(f"{args.config}: model: expected a mapping of model settings, got "
+                              f"{type(data['model']).__name__}")
+        data["model"] = {**(data.get("model") or {}), **{k: v for k, v in quant.items() if v is not None}}
     return data
 
 
@@ -132,6 +141,10 @@ def add_training_parsers(subparsers) -> argparse.ArgumentParser:
         p.add_argument("--max-failures", type=int_at_least(-1), help="worker failures to recover from (resume from checkpoint)")
         p.add_argument("--storage-path", help="Ray Train storage (shared storage on a multi-node cluster)")
         p.add_argument("--gpu", action="store_true", help="GPU workers")
+        p.add_argument("--quantization", choices=["none", "nf4", "int8"],
+                       help="override model.quantization: load the base quantised (nf4: QLoRA; needs raydpo[quant])")
+        p.add_argument("--compute-dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                       help="override model.compute_dtype (the nf4 matmuls)")
         p.add_argument("--check", action="store_true", help="only check the config and the data, then exit")
         p.set_defaults(func=_cmd_train)
     return t

@@ -120,20 +120,31 @@ class ModelState:
 
 
 def load_policy(start: ModelState, *, lora, dtype: str, ctx: WorkerContext, seed: int,
-                full_finetune: bool = False):
+                full_finetune: bool = False, quantization: str = "none", compute_dtype: str = "auto",
+                gradient_checkpointing: bool = False):
     """The trainable model of a stage and its tokenizer.
 
     Continues ``start.adapter`` when there is one (the stage's LoRA settings are then unused),
     else wraps the base in a new LoRA (``lora``); ``full_finetune`` trains every weight (an
-    adapter to start from is merged first).
+    adapter to start from is merged first). ``quantization`` (``nf4``, ``int8``): QLoRA on a
+    quantised base prepared with ``prepare_model_for_kbit_training``.
     """
     import torch
     from transformers import set_seed
 
     from ..models import load_model
+    from ..quantization import combination_error
 
     set_seed(seed)  # the new adapter's initial weights are the same on every worker
     device = ctx.device
+    quant = dict(quantization=quantization, compute_dtype=compute_dtype)
+    err = combination_error(quantization, full_finetune=full_finetune, full_key="stage")
+    if err is not None:
+        from ..errors import RaydpoError
+
+        raise RaydpoError(err)
+    if quantization != "none":
+        quant["gradient_checkpointing"] = gradient_checkpointing
     if full_finetune:
         model, tok = load_model(start.base, adapter=start.adapter, trainable=False, dtype=dtype, device=device)
         if start.adapter is not None:
@@ -143,11 +154,12 @@ def load_policy(start: ModelState, *, lora, dtype: str, ctx: WorkerContext, seed
         model.train()
         return model, tok
     if start.adapter is not None:
-        model, tok = load_model(start.base, adapter=start.adapter, trainable=True, dtype=dtype, device=device)
+        model, tok = load_model(start.base, adapter=start.adapter, trainable=True, dtype=dtype, device=device,
+                                **quant)
         return model, tok
     from peft import get_peft_model
 
-    model, tok = load_model(start.base, trainable=True, dtype=dtype, device=device)
+    model, tok = load_model(start.base, trainable=True, dtype=dtype, device=device, **quant)
     kwargs = {}
     if ctx.deepspeed and ctx.deepspeed.get("zero_optimization", {}).get("stage") == 3 \
             and next(model.parameters()).dtype != torch.float32:
@@ -346,6 +358,10 @@ def make_report_callback(ctx: WorkerContext, stage_name: str, stage_index: int, 
                                                             "stage_index": stage_index,
                                                             "step": int(state.global_step)}, indent=2))
             ctx.record(metrics)
+            if ckpt.is_dir():  # a SHA-256 of every file, checked before anyone resumes from it
+                from ..storage import write_manifest
+
+                write_manifest(ckpt, ctx.rank)
             ctx.report(metrics, ckpt, name=f"{stage_index:02d}-{stage_name}-step{state.global_step:07d}")
             self.logs.clear()
 

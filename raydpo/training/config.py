@@ -75,6 +75,22 @@ class ModelSettings(_Strict):
     name_or_path: str = "tiny"
     adapter: str | None = None
     dtype: str = "auto"
+    quantization: str = Field("none", description="none | nf4 | int8 (bitsandbytes; QLoRA with nf4)")
+    compute_dtype: str = Field("auto", description="nf4 matmuls: auto | bfloat16 | float16 | float32")
+
+    @field_validator("quantization")
+    @classmethod
+    def _quantization(cls, v: str) -> str:
+        from ..quantization import check_quantization
+
+        return check_quantization(v)
+
+    @field_validator("compute_dtype")
+    @classmethod
+    def _compute_dtype(cls, v: str) -> str:
+        from ..quantization import check_compute_dtype
+
+        return check_compute_dtype(v)
 
     @field_validator("name_or_path")
     @classmethod
@@ -341,6 +357,19 @@ class RayTrainSettings(_Strict):
 # --- plans and front ends ------------------------------------------------------------------------
 
 
+def _quantization_checks(model: ModelSettings, stages: list, ray: RayTrainSettings, where: str = "stages") -> None:
+    """Combinations that cannot work with a quantised base, one line naming the key path."""
+    from ..quantization import combination_error
+
+    err = combination_error(model.quantization, deepspeed=ray.deepspeed)
+    for i, st in enumerate(stages):
+        if err is None and isinstance(st, SFTConfig) and st.lora is None:
+            key = f"{where}[{i}].lora" if where == "stages" else f"{where}.lora"
+            err = combination_error(model.quantization, full_finetune=True, full_key=key)
+    if err is not None:
+        raise ValueError(err)
+
+
 def _default_kind(data: Any) -> Any:
     """A stage without ``kind`` is a preference stage."""
     if isinstance(data, dict) and isinstance(data.get("stages"), list):
@@ -393,6 +422,7 @@ class Plan(_Strict):
             raise ValueError("selfplay stages need 'dataset'")
         if self.model.name_or_path.lower() == "tiny" and self.dataset is None:
             raise ValueError("model 'tiny' needs 'dataset' (its tokenizer is trained on the catalog)")
+        _quantization_checks(self.model, self.stages, self.ray)
         return self
 
     def stage(self, name: str):
@@ -412,6 +442,11 @@ class Curriculum(_Strict):
     ray: RayTrainSettings = Field(default_factory=RayTrainSettings)
 
     _kind = model_validator(mode="before")(_default_kind)
+
+    @model_validator(mode="after")
+    def _quantized(self) -> Curriculum:
+        _quantization_checks(self.model, self.stages, self.ray)
+        return self
 
     def to_plan(self) -> Plan:
         return Plan(model=self.model, dataset=self.dataset, output_dir=self.output_dir,
@@ -438,6 +473,7 @@ class SPRecConfig(_Strict):
         for part in (self.sft, self.dpo):
             if part is not None and part.data is not None:
                 raise ValueError("sprec: sft/dpo take their data from the self-play step; remove 'data'")
+        _quantization_checks(self.model, [self.sft] if self.sft is not None else [], self.ray, where="sft")
         return self
 
     def to_plan(self) -> Plan:

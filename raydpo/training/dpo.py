@@ -37,6 +37,22 @@ def _trainer_class():
     return RaydpoDPOTrainer
 
 
+def _keep_fp32_adapter(model) -> None:
+    """TRL 1.16 casts the trainable LoRA weights of a quantised (QLoRA) model to bf16. Undo it:
+    raydpo's SFT and S-DPO trainers, and the published runs (which passed a ready PeftModel to
+    TRL 0.16), train fp32 adapters; in bf16, steps of lr 1e-5 are mostly lost to rounding, and a
+    saved adapter would no longer reproduce the trained model's numbers when reloaded."""
+    import torch
+
+    from ..quantization import model_is_quantized
+
+    if not model_is_quantized(model):
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+
+
 def dpo_config(stage, ctx: WorkerContext, output_dir: Path, has_eval: bool):
     """A DPOConfig with TRL's GPU-minded defaults replaced (bf16, gradient checkpointing and
     lr 1e-6 are TRL defaults; raydpo sets them from the stage)."""
@@ -61,6 +77,7 @@ def build_trainer(stage, model, tokenizer, train_examples: list[dict[str, Any]],
     evald = Dataset.from_list(to_pairs(eval_examples, stage.pairs)) if eval_examples else None
     trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=evald,
                                processing_class=tokenizer, callbacks=callbacks)
+    _keep_fp32_adapter(trainer.model)
     # TRL copies a continued adapter as "ref" (or uses the adapter-disabled base); attach the
     # reference this stage asks for instead, or none when the numbers are given
     ref_mod.attach(trainer.model, spec if not (spec.precompute or spec.from_data) else ref_mod.ReferenceSpec())

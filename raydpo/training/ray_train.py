@@ -162,6 +162,10 @@ def prepare(plan: Plan | dict) -> _Prepared:
             raise RaydpoError(f"model.adapter {start_adapter!r} is not a LoRA adapter folder (no adapter_config.json)")
         start_adapter = str(p.resolve())
     tokenizer = load_tokenizer(base)
+    if plan.model.quantization != "none":  # before any worker starts
+        from ..quantization import require_bitsandbytes
+
+        require_bitsandbytes(plan.model.quantization)
 
     r = plan.ray
     world = max(1, r.num_workers)
@@ -230,10 +234,9 @@ def prepare(plan: Plan | dict) -> _Prepared:
 
 
 def _ensure_ray() -> None:
-    import ray
+    from ..storage import ray_init
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+    ray_init()  # Ray's convention; prints which cluster it joined
 
 
 # --- worker side -----------------------------------------------------------------------------------
@@ -256,10 +259,18 @@ def _context(cfg: dict, in_ray: bool) -> WorkerContext:
     if in_ray:
         import ray.train
 
+        if not run_dir.is_dir():  # e.g. a node that joined after the driver's check
+            import socket
+
+            raise RaydpoError(f"node {socket.gethostname()} does not see the run folder {run_dir}: put the storage "
+                              "root (or run_dir) on a mount every node shares")
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
+            from ..storage import verify_manifests
+
             local = ctx.local_dir / "resume"
             ckpt.to_directory(str(local))
+            verify_manifests(local)  # before anything in it is unpickled
             state_file = local / STATE_FILE
             if state_file.is_file():
                 ctx.checkpoint_dir = local
@@ -292,7 +303,10 @@ def train_loop_per_worker(cfg: dict) -> dict | None:
                 src = outputs[st.data[1:]]
                 entry = {**entry, "path": src["data"], "sha": src["data_sha"]}
                 data_sha = src["data_sha"]
-            stage_hash = _stage_hash(st, current.to_dict(), data_sha, entry.get("eval_sha"))
+            start = current.to_dict()
+            if plan.model.quantization != "none":  # a stage trained on another base is another stage
+                start.update(quantization=plan.model.quantization, compute_dtype=plan.model.compute_dtype)
+            stage_hash = _stage_hash(st, start, data_sha, entry.get("eval_sha"))
             out_dir = run_dir / "stages" / st.name
             done = read_stage_output(out_dir)
             if done is not None:
@@ -345,7 +359,9 @@ def _run_selfplay(st: SelfPlayConfig, current: ModelState, cfg: dict, ctx: Worke
     ds = load_dataset(cfg["plan"]["dataset"])
     frame = sample_rows(ds, st.split, st.n_samples, st.seed)
     mine = frame.iloc[ctx.rank :: ctx.world_size]
-    model, tok = load_model(current.base, adapter=current.adapter, device=ctx.device, dtype=cfg["plan"]["model"]["dtype"])
+    m = cfg["plan"]["model"]
+    model, tok = load_model(current.base, adapter=current.adapter, device=ctx.device, dtype=m["dtype"],
+                            quantization=m.get("quantization", "none"), compute_dtype=m.get("compute_dtype", "auto"))
     rows = selfplay_rows(model, tok, ds, mine, st.decode)
     release(model)
     parts = ctx.all_gather(rows)
@@ -381,7 +397,9 @@ def _run_training(st, index: int, current: ModelState, plan_start: ModelState, o
     pref = isinstance(st, PreferenceConfig)
     full = isinstance(st, SFTConfig) and st.lora is None
     model, tok = load_policy(current, lora=st.lora, dtype=plan_d["model"]["dtype"], ctx=ctx, seed=st.seed,
-                             full_finetune=full)
+                             full_finetune=full, quantization=plan_d["model"].get("quantization", "none"),
+                             compute_dtype=plan_d["model"].get("compute_dtype", "auto"),
+                             gradient_checkpointing=st.gradient_checkpointing)
 
     def examples(path: str | None):
         if path is None:
@@ -432,6 +450,11 @@ def _run_training(st, index: int, current: ModelState, plan_start: ModelState, o
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # metrics go to Ray Train and metrics.jsonl, not stdout
+    if ctx.is_main:  # one progress line per log step in the job log, and TensorBoard event files
+        trainer.add_callback(ProgressCallback(st.name))
+        tb = _tensorboard_callback(Path(ctx.run_dir) / "tensorboard" / f"{index:02d}-{st.name}")
+        if tb is not None:
+            trainer.add_callback(tb)
     t_train = time.time()
     trainer.train(resume_from_checkpoint=resume)
     t_save = time.time()
@@ -464,6 +487,62 @@ def _run_training(st, index: int, current: ModelState, plan_start: ModelState, o
 PROBE_ROWS = 4
 
 
+def _say(line: str) -> None:
+    """One line on stdout (not through ``print``, which Ray Train V2 patches to log every
+    message a second time on stderr)."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _progress_callback_class():
+    from transformers import TrainerCallback
+
+    class _ProgressCallback(TrainerCallback):
+        """Rank 0 prints ``[train NAME] epoch E/N step S/M loss L ... X steps/s`` at every log step
+        (with ``log_to_driver`` these lines reach the driver's output, i.e. the job log)."""
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.t0 = self.step0 = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.step0 = time.time(), int(state.global_step)
+            _say(f"[train {self.name}] start: {state.max_steps} steps, {args.num_train_epochs:g} epoch(s)"
+                 + (f", resuming at step {state.global_step}" if state.global_step else ""))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if self.t0 is None or not any(k in logs for k in ("loss", "train_loss", "eval_loss")):
+                return
+            rate = (state.global_step - self.step0) / max(time.time() - self.t0, 1e-9)
+            parts = [f"epoch {state.epoch or 0:.2f}/{args.num_train_epochs:g}", f"step {state.global_step}/{state.max_steps}"]
+            for key in ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "learning_rate", "train_loss"):
+                if isinstance(logs.get(key), (int, float)):
+                    parts.append(f"{key} {logs[key]:.4g}")
+            parts.append(f"{rate:.2f} steps/s")
+            _say(f"[train {self.name}] " + " ".join(parts))
+
+    return _ProgressCallback
+
+
+def ProgressCallback(name: str):  # noqa: N802 - a class built lazily (transformers is imported late)
+    return _progress_callback_class()(name)
+
+
+def _tensorboard_callback(logdir: Path):
+    """transformers' TensorBoard callback writing to ``logdir`` (tensorboardX, installed with
+    Ray Tune), or None when no TensorBoard writer is installed."""
+    try:
+        from tensorboardX import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+    except ImportError:  # pragma: no cover
+        return None
+    logdir.mkdir(parents=True, exist_ok=True)
+    return TensorBoardCallback(tb_writer=SummaryWriter(str(logdir)))
+
+
 def _probe_logps(trainer, examples: list[dict], pad_token_id: int) -> list[list[float]]:
     """Response log-probs of the first training rows under the trained in-memory model, on
     every rank (ZeRO-3 gathers weights collectively). Stored in ``stage.json``: a reloaded
@@ -494,7 +573,9 @@ def _env_vars(plan: Plan) -> dict[str, str]:
     env["TORCH_EXTENSIONS_DIR"] = ext  # DeepSpeed's shm_comm is JIT-compiled once per machine, not per run
     if not plan.ray.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    for key in ("RAYDPO_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    for key in ("RAYDPO_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYDPO_STORAGE",
+                # an S3-compatible store's endpoint and region (credentials come from the nodes)
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return env

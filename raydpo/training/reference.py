@@ -136,17 +136,20 @@ def precompute_logps(model, examples: list[dict[str, Any]], *, pad_token_id: int
 
 
 def add_reference_columns(frame, model_name_or_path: str, *, adapter: str | None = None, batch_size: int = 16,
-                          device: str = "auto", max_length: int = 4096):
+                          device: str = "auto", max_length: int = 4096, quantization: str = "none",
+                          compute_dtype: str = "auto"):
     """``frame`` (preference rows) with ``ref_chosen_logps`` and ``ref_rejected_logps`` computed
     by ``model_name_or_path`` (+ ``adapter``), e.g. the SFT model, once and offline: a stage with
     ``reference: precomputed`` then runs no reference pass. The numbers are raydpo's
-    tokenisation (the same as :func:`raydpo.models.sequence_logprobs`)."""
+    tokenisation (the same as :func:`raydpo.models.sequence_logprobs`). ``quantization``: load
+    the base as the training stage will (``nf4`` for QLoRA), so the numbers are its reference's."""
     import torch
 
     from ..models import load_model
     from .data import PackedCollator, packed_logps, tokenize_frame
 
-    model, tok = load_model(model_name_or_path, adapter=adapter, device=device)
+    model, tok = load_model(model_name_or_path, adapter=adapter, device=device, quantization=quantization,
+                            compute_dtype=compute_dtype)
     frame = frame.copy()
     frame["rejected"] = [[r] if isinstance(r, str) else list(r) for r in frame["rejected"]]
     examples = tokenize_frame(frame.drop(columns=[c for c in ("ref_chosen_logps", "ref_rejected_logps", "betas")

@@ -60,6 +60,11 @@ class SearchSpace(BaseModel):
     max_failures: int = Field(1, ge=0)
     sampler: str = "tpe"  # tpe | nsga2 | random | grid (every combination of choices once)
     seed: int = 0
+    # fixed settings applied to the base config (e.g. {ray.use_gpu: true, ray.gpus_per_actor: 1})
+    overrides: dict[str, Any] = {}
+    # MLflow tracking through Ray Tune's MLflow callback: false, or {tracking_uri, experiment}
+    # (default: on when mlflow is installed; MLFLOW_TRACKING_URI, else OUT/mlruns/mlflow.db)
+    mlflow: bool | dict[str, str | None] = True
     space: dict[str, dict[str, Any]]
 
     @field_validator("objectives")
@@ -145,7 +150,8 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
             cfg = _PC.model_validate(space.config or {})
         except ValidationError as e:
             raise ConfigError(_format_errors(e, f"{p}: config")) from None
-    cfg = with_overrides(cfg, {"evaluation.split": space.split}, source=str(p))
+    cfg = with_overrides(cfg, {**space.overrides, "evaluation.split": space.split}, source=f"{p}: overrides")
+    check_trial_resources(space, cfg, str(p))
     # every choice must produce a valid config
     for field_path, dist in space.space.items():
         kind, arg = next(iter(dist.items()))
@@ -200,19 +206,114 @@ def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{name}@{k}": v for k, m in metrics.items() for name, v in m.items()}
 
 
-def run_trial(params: dict, base: dict, run_dir: str) -> dict:
-    """One trial: the pipeline with ``params`` applied, ranked on the configured split."""
+def check_trial_resources(space: SearchSpace, cfg: PipelineConfig, source: str) -> None:
+    """A trial's own process runs the pipeline driver, sampling and evaluation on CPUs; its
+    training workers (``ray.use_gpu``) and generation/prediction actors (``ray.gpus_per_actor``)
+    request their GPUs themselves. A GPU reserved for the trial would stay idle."""
+    gpu = space.resources_per_trial.get("gpu", 0)
+    if gpu:
+        uses = [s for s, r in trial_stage_resources(cfg).items() if r and r["GPU"]]
+        raise ConfigError(f"{source}: resources_per_trial.gpu: {gpu:g} GPU(s) per trial would stay idle (a trial's "
+                          f"own process never computes on a GPU; {', '.join(uses) or 'no stage'} request their own "
+                          "through ray.use_gpu / ray.gpus_per_actor); set it to 0")
+
+
+def trial_stage_resources(cfg: PipelineConfig) -> dict[str, dict | None]:
+    from ..pipeline import stage_resources
+
+    return stage_resources(cfg)
+
+
+def _train_history(run_dir: str, summaries: dict) -> list[dict]:
+    """Per-epoch training metrics of the trial's SFT and alignment runs (``metrics.jsonl``)."""
+    from ..training.ray_train import _history
+
+    rows = []
+    for stage in ("sft", "align"):
+        key = (summaries.get(stage) or {}).get("key")
+        if key:
+            for m in _history(Path(run_dir) / stage / key / "train"):
+                rows.append({"stage": stage, **m})
+    return rows
+
+
+def run_trial(params: dict, base: dict, run_dir: str, with_history: bool = False):
+    """One trial: the pipeline with ``params`` applied, ranked on the configured split (with
+    ``with_history``: also the per-epoch training metrics)."""
     from ..pipeline import run_pipeline
 
     cfg = with_overrides(PipelineConfig.model_validate(base), params, source="<trial>")
     summaries = run_pipeline(cfg, run_dir=run_dir, progress=False)
-    return flatten_metrics(summaries["evaluate"]["metrics"])
+    metrics = flatten_metrics(summaries["evaluate"]["metrics"])
+    return (metrics, _train_history(run_dir, summaries)) if with_history else metrics
+
+
+HISTORY_KEY = "train_history"
 
 
 def _trainable(config: dict, base: dict, run_dir: str) -> None:
     import ray.tune as tune
 
-    tune.report(run_trial(dict(config), base, run_dir))
+    metrics, history = run_trial(dict(config), base, run_dir, with_history=True)
+    tune.report({**metrics, HISTORY_KEY: history})
+
+
+def _mlflow_settings(space: SearchSpace, out: Path) -> dict | None:
+    if space.mlflow is False:
+        return None
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        print("MLflow tracking is off: mlflow is not installed (pip install raydpo[tracking])")
+        return None
+    opts = space.mlflow if isinstance(space.mlflow, dict) else {}
+    uri = opts.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        (out / "mlruns").mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"  # MLflow 3 refuses its old file store
+    return {"tracking_uri": uri, "experiment_name": opts.get("experiment") or out.name}
+
+
+def _mlflow_key(k: str) -> str:
+    return k.replace("@", "_at_")  # NDCG@10 -> NDCG_at_10 (MLflow names allow [\w./ :-])
+
+
+def _callbacks(tracking: dict | None, out: Path, remote_out: str | None) -> list:
+    from ray.tune import Callback
+
+    callbacks: list = []
+    if tracking:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        class RaydpoMLflowCallback(MLflowLoggerCallback):
+            """Each trial as an MLflow run: its parameters, each epoch of its training runs
+            (``sft/loss``, ``align/reward_accuracy``, ... at their training step) and its final
+            metrics."""
+
+            def log_trial_result(self, iteration, trial, result):
+                run_id = self._trial_runs[trial]
+                history = result.get(HISTORY_KEY) or []
+                for m in history:
+                    vals = {f"{m['stage']}/{k}": v for k, v in m.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+                    self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=vals, step=int(m.get("step") or 0))
+                final = {_mlflow_key(k): v for k, v in result.items() if "@" in k and isinstance(v, (int, float))}
+                self.mlflow_util.log_metrics(run_id=run_id, metrics_to_log=final, step=0)
+
+        callbacks.append(RaydpoMLflowCallback(tracking_uri=tracking["tracking_uri"],
+                                              experiment_name=tracking["experiment_name"], save_artifact=False))
+    if remote_out:
+        class CopyResults(Callback):
+            """Keep the object-store copy of the Optuna journal current after every trial."""
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                from .. import storage
+
+                if (out / "study.journal").exists():
+                    storage.upload_file(out / "study.journal", f"{remote_out}/study.journal")
+
+        callbacks.append(CopyResults())
+    return callbacks
 
 
 @dataclass
@@ -223,15 +324,41 @@ class SearchResult:
 
 
 def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool = False,
-               num_samples: int | None = None) -> SearchResult:
-    import ray
+               num_samples: int | None = None, name: str | None = None,
+               ray_address: str | None = None) -> SearchResult:
+    """Run (or with ``resume``, continue) a search. With a storage root its results go to
+    ``ROOT/tune/NAME`` (``--out`` overrides), Ray Tune's state to ``ROOT/tune/NAME/experiment``,
+    and ``--resume`` finds the search there by its name. ``ray_address``: ``"local"`` for a
+    Ray instance of its own (the quickstart); default: Ray's convention (``RAY_ADDRESS``, ...)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from .. import storage
+
     space, cfg = load_search_space(path)
-    name = space.name or Path(path).stem
-    out = Path(out_dir or Path(cfg.run_dir) / "tune" / name).resolve()
+    name = name or space.name or Path(path).stem
+    try:
+        from ..checks import check_name
+
+        check_name(name, "search name")  # a folder under RUN_DIR/tune and the Optuna study name
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}; set 'name:' in the search space") from None
+    root = storage.storage_root(cfg.ray.storage_path)
+    cfg = storage.resolve_config(cfg)  # run_dir absolute under the storage root; ray.storage_path = the root
+    if out_dir is not None:
+        out = storage.output_path(out_dir, root, "--out")
+    else:
+        out = root.local / "tune" / name if root is not None else Path(cfg.run_dir) / "tune" / name
+    out = out.resolve()
+    # Ray Tune's own state: beside the results, or in the object store for an s3:// root
+    exp_parent = (root.remote_of(out) if root is not None else None) or str(out)
+    exp_path = f"{exp_parent.rstrip('/')}/experiment"
+    remote_out = root.remote_of(out) if root is not None else None
+    if resume and remote_out:  # results and the Optuna journal of an earlier driver, maybe elsewhere
+        for f in ("study.journal", "base_config.json", "mlruns/mlflow.db"):
+            if not (out / f).exists():
+                storage.download_file(f"{remote_out}/{f}", out / f)
     from ..outputs import check_output, claim_folder
 
     if not cfg.ray.storage_path:  # the trials' shared run folder (upstream stages), claimed before the search
@@ -241,13 +368,20 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     check_output(out, kind="search", folder=True, resumable=True, option="--out",
                  inputs=[path] + ([cfg.data.path] if cfg.data.source == "path" else []))
     claim_folder(out, "search")
-    storage_root = cfg.ray.storage_path or str(out)
-    run_dir = str(Path(cfg.run_dir).resolve()) if not cfg.ray.storage_path else f"{cfg.ray.storage_path}/runs"
-    cfg = with_overrides(cfg, {"run_dir": run_dir}, source=str(path))
+    run_dir = cfg.run_dir
     write_json(out / "base_config.json", cfg.model_dump(mode="json"))
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                 log_to_driver=False)
+    tracking = _mlflow_settings(space, out)
+    where = [("storage root", root.describe() if root is not None else "none (paths relative to this folder)"),
+             ("results", f"{out} (trials.csv, pareto.md, pareto.png)" + (f", copied to {remote_out}" if remote_out else "")),
+             ("Optuna study", str(out / "study.journal")), ("Ray Tune state", exp_path), ("stage caches", run_dir)]
+    if root is not None:
+        where.append(("Train checkpoints", root.join("train")))
+    if tracking:
+        where.append(("MLflow", f"{tracking['tracking_uri']} (experiment {tracking['experiment_name']!r})"))
+    print(f"search {name!r}:\n" + "\n".join(f"  {k + ':':<19}{v}" for k, v in where), flush=True)
+    storage.ray_init(ray_address or cfg.ray.address)
+    for folder in {run_dir, str(out)}:  # every node must see what the trials write
+        storage.check_nodes_share(folder)
     upstream = ("data.", "model.", "sft.", "generation.", "ray.")
     if not any(p.startswith(upstream) for p in space.space):
         # every trial shares data, SFT and candidates: build them once here, with progress
@@ -268,24 +402,32 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
         tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), run_dir=run_dir),
         {k: v for k, v in space.resources_per_trial.items() if v})
     param_space: dict = {}
-    exp_path = Path(storage_root) / "experiment" if "://" not in storage_root else f"{storage_root}/experiment"
-    if resume and tune.Tuner.can_restore(str(exp_path)):
-        print(f"resuming {exp_path}")
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, param_space=param_space,
+    callbacks = _callbacks(tracking, out, remote_out)
+    restorable = resume and tune.Tuner.can_restore(exp_path)
+    if resume and not restorable:
+        print(f"nothing to resume: no search {name!r} at {exp_path}; starting it", flush=True)
+    if restorable:
+        print(f"resuming search {name!r} from {exp_path} (finished trials are kept, unfinished ones rerun)",
+              flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
                                    resume_errored=True)
+        tuner._local_tuner._run_config.callbacks = callbacks  # callbacks are not pickled with the experiment
     else:
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples or space.num_samples),
-            run_config=tune.RunConfig(name="experiment", storage_path=str(Path(storage_root)) if "://" not in storage_root
-                                      else storage_root,
+            run_config=tune.RunConfig(name="experiment", storage_path=exp_parent,
                                       failure_config=tune.FailureConfig(max_failures=space.max_failures),
-                                      verbose=1),
+                                      callbacks=callbacks, verbose=1),
         )
     grid = tuner.fit()
     trials = results_frame(grid, list(space.space), objectives)
-    return write_results(trials, space, out)
+    result = write_results(trials, space, out)
+    if remote_out:
+        n = storage.upload_dir(out, remote_out, last=("search.json",))
+        print(f"search results copied to {remote_out} ({n} files)")
+    return result
 
 
 def results_frame(grid, params: list[str], objectives: list[str]) -> pd.DataFrame:
