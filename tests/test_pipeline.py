@@ -85,23 +85,38 @@ def test_run_cache_partial_rerun_and_from(ray_local, config_path, capsys):
 
 
 def test_search_pareto_and_failed_trial(ray_local, config_path, tmp_path):
+    # an unknown strategy is refused when the space loads; a failing trial comes from an injected
+    # fault: a plugin strategy that raises while sampling
+    plugin = tmp_path / "faulty.py"
+    plugin.write_text("from raydpo.sampling import register_strategy\n"
+                      "@register_strategy('exploding', replace=True)\n"
+                      "def exploding(ctx):\n"
+                      "    \"\"\"Raises (fault injection).\"\"\"\n"
+                      "    raise RuntimeError('injected fault in exploding')\n")
+    base = tmp_path / "base.yaml"
+    base.write_text(config_path.read_text().replace(
+        "sampling: {strategy: clusterout_low}", f"sampling: {{strategy: clusterout_low, plugins: [{plugin}]}}"))
     space = tmp_path / "space.yaml"
     space.write_text(f"""# test search
-base: {config_path}
+base: {base}
 sampler: grid
 num_samples: 3
 max_failures: 0
 resources_per_trial: {{cpu: 0.5}}
 space:
-  sampling.strategy: {{choice: [clusterout_low, random, no_such_strategy]}}
+  sampling.strategy: {{choice: [clusterout_low, random, exploding]}}
 """)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(space.read_text().replace("exploding]", "no_such_strategy]"))
+    assert main(["tune", str(bad), "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
     out = tmp_path / "search"
     assert main(["tune", str(space), "--out", str(out)]) == 0
     trials = pd.read_csv(out / "trials.csv")
-    assert sorted(trials["sampling.strategy"]) == ["clusterout_low", "no_such_strategy", "random"]
+    assert sorted(trials["sampling.strategy"]) == ["clusterout_low", "exploding", "random"]
     failed = trials[trials["status"] == "ERROR"]
-    assert failed["sampling.strategy"].tolist() == ["no_such_strategy"]
-    assert "no_such_strategy" in failed["error"].iloc[0]
+    assert failed["sampling.strategy"].tolist() == ["exploding"]
+    assert "injected fault in exploding" in failed["error"].iloc[0]
     ok = trials[trials["status"] == "OK"]
     assert ok["NDCG@10"].notna().all() and ok["ORRatio@10"].notna().all()
     front = pd.read_csv(out / "pareto.csv")
