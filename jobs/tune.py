@@ -3,7 +3,10 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . \
         --runtime-env jobs/runtime_env.yaml -- python jobs/tune.py search_spaces/strategy_comparison.yaml
 
-Resume after the driver died: add --resume. Locally: python jobs/tune.py search_spaces/quickstart.yaml
+Results go to STORAGE_ROOT/tune/NAME (RAYDPO_STORAGE or ray.storage_path; the job log prints every
+location). After a stopped or failed job, submit the same command with --resume: the search is
+found by its name (--name NAME to choose one) and continues. Locally: python jobs/tune.py
+search_spaces/quickstart.yaml
 """
 
 import sys

@@ -89,10 +89,13 @@ class Context:
 def _ray_init(cfg: PipelineConfig) -> None:
     """Start or join Ray (Ray's convention, printing which cluster), then check that every
     node sees the run folder before any work is scheduled."""
+    import ray
+
     from .storage import check_nodes_share, ray_init
 
     ray_init(cfg.ray.address)
-    check_nodes_share(cfg.run_dir)
+    if ray.get_runtime_context().worker.mode == ray.SCRIPT_MODE:  # the driver; trials run inside Ray workers
+        check_nodes_share(cfg.run_dir)
 
 
 def _decode_device(cfg: PipelineConfig) -> str:
@@ -291,6 +294,9 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
                  inputs=[cfg.data.path] if cfg.data.source == "path" else [])
     claim_folder(ctx.run_dir, "run")
     forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
+    todo = [s for s in STAGES[: STAGES.index(until) + 1] if s in forced or not (ctx.dir(s) / "_SUCCESS").exists()]
+    if set(todo) & {"sft", "generate", "align", "predict"}:
+        _ray_init(cfg)  # which cluster, and that every node sees the run folder: before any work
     summaries: dict[str, Any] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
         out = ctx.dir(stage)

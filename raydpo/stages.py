@@ -76,7 +76,8 @@ def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
     s = cfg.sft
     stage = SFTConfig(name="sft", data=str(dataset_dir), split="train", epochs=s.epochs,
                       learning_rate=s.learning_rate, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                      warmup_steps=s.warmup_steps, max_length=s.max_length, seed=s.seed, lora=None if s.full_finetune else _lora(cfg))
+                      warmup_steps=s.warmup_steps, max_length=s.max_length, seed=s.seed,
+                      lora=None if s.full_finetune else _lora(cfg))
     plan = Plan(model=model_settings(cfg),
                 dataset=str(dataset_dir), output_dir=str(out / "train"), stages=[stage], ray=_ray_settings(cfg, out))
     return _publish(run_plan(plan), out)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -54,10 +55,13 @@ class LocalRayCluster:
     ports, token authentication on (``RAY_AUTH_MODE=token``, a token file of its own), and
     ``RAYDPO_STORAGE`` in the environment of every Ray process (as cluster.yaml sets it)."""
 
-    def __init__(self, storage: Path, cpus: float = 1, nodes: int = 2) -> None:
+    def __init__(self, storage: Path, cpus: float = 1, nodes: int = 2, private_storage: tuple[int, ...] = ()) -> None:
         self.storage = storage
         self.nodes = nodes
         self.cpus = cpus
+        # nodes started in a mount namespace of their own with an empty tmpfs over the storage
+        # root: a node that does not see the shared folder, as with a failed NFS mount
+        self.private_storage = private_storage
         # short paths: Ray's unix sockets live under the temp dir (107-character limit)
         self.temp_dirs = [Path(tempfile.mkdtemp(prefix=f"rdc{i}-", dir="/tmp")) for i in range(nodes)]
         self.token_file = self.temp_dirs[0] / "auth_token"
@@ -92,8 +96,17 @@ class LocalRayCluster:
                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
                  f"--ray-client-server-port={self.client_port}", *common, *self._node_ports(0), timeout=180)
         for i in range(1, self.nodes):
-            self.ray("start", f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.temp_dirs[i]}", *common,
-                     *self._node_ports(i), timeout=180)
+            args = ["start", f"--address=127.0.0.1:{self.gcs_port}", f"--temp-dir={self.temp_dirs[i]}", *common,
+                    *self._node_ports(i)]
+            if i in self.private_storage:
+                self.storage.mkdir(parents=True, exist_ok=True)
+                script = (f"mount -t tmpfs tmpfs {shlex.quote(str(self.storage))} && exec "
+                          + " ".join(shlex.quote(a) for a in [str(BIN / "ray"), *args]))
+                r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=self.env,
+                                   cwd=ROOT, capture_output=True, text=True, timeout=180)
+                assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            else:
+                self.ray(*args, timeout=180)
         deadline = time.time() + 120
         while time.time() < deadline:
             r = self.ray("status", f"--address=127.0.0.1:{self.gcs_port}", check=False)
@@ -180,6 +193,14 @@ def cluster(tmp_path):
         assert not c.processes(), "processes of the test cluster survived its stop"
 
 
+def _can_unshare_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def _experiment_results(storage: Path, name: str) -> int:
     exp = storage / "tune" / name / "experiment"
     return sum(1 for f in exp.glob("*/result.json") if f.stat().st_size > 0) if exp.is_dir() else 0
@@ -187,6 +208,16 @@ def _experiment_results(storage: Path, name: str) -> int:
 
 def test_two_node_cluster_jobs_submit_stop_resume(cluster):
     storage = cluster.storage
+    # Ray's convention, printed: RAY_ADDRESS joins this cluster; "local" (the quickstart, the test
+    # fixture) starts an instance of its own even while this cluster runs
+    probe = "from raydpo.storage import ray_init; import sys; ray_init(sys.argv[1] if len(sys.argv) > 1 else None)"
+    env = {**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs_port}"}
+    r = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert re.search(rf"ray: joined the Ray cluster at [\d.]+:{cluster.gcs_port} \(RAY_ADDRESS\): 2 node\(s\), 2 CPUs",
+                     r.stdout), r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", probe, "local"], env=cluster.env, capture_output=True, text=True,
+                       timeout=120)
+    assert "ray: started a new local Ray instance: 1 node(s)" in r.stdout, r.stdout + r.stderr
     t0 = time.time()
 
     # 1. a search from a clean checkout: --resume with nothing to resume starts it
@@ -206,6 +237,16 @@ def test_two_node_cluster_jobs_submit_stop_resume(cluster):
     for f in ("pareto.md", "pareto.csv", "pareto.png", "study.journal", "mlruns/mlflow.db"):
         assert (search / f).is_file(), f
     assert (search / "experiment").is_dir()
+    # MLflow (Ray Tune's MLflow callback, local store): the trial's parameters, each training
+    # step it reported (SFT and alignment) and its final metrics
+    from mlflow.tracking import MlflowClient
+
+    ml = MlflowClient(tracking_uri=f"sqlite:///{search / 'mlruns' / 'mlflow.db'}")
+    (run_,) = ml.search_runs([ml.get_experiment_by_name("cluster-tiny").experiment_id])
+    assert run_.data.params == {"sampling.strategy": trials["sampling.strategy"].iloc[0]}
+    assert run_.data.metrics["NDCG_at_10"] == pytest.approx(trials["NDCG@10"].iloc[0])
+    assert [m.step for m in ml.get_metric_history(run_.info.run_id, "sft/loss")] == [8]  # 1 epoch of 8 steps
+    assert ml.get_metric_history(run_.info.run_id, "align/reward_accuracy")
     run = storage / "runs" / "cluster-tiny"
     assert len(list(run.glob("*/*/_SUCCESS"))) == 7  # every stage of the one trial (upstream shared)
     ckpts = list((storage / "train").glob("*/*/*/raydpo_sha256-r0.json"))
@@ -244,3 +285,20 @@ def test_two_node_cluster_jobs_submit_stop_resume(cluster):
     assert sorted(trials["sampling.strategy"]) == ["clusterin_high", "clusterout_low", "random"]
     assert (trials["status"] == "OK").all()
     print(f"job A {t_a:.0f} s; all jobs {time.time() - t0:.0f} s")
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs mount namespaces (unshare -m) to hide a folder from a node")
+def test_a_node_that_does_not_see_the_run_folder_stops_the_job_before_any_work(tmp_path):
+    c = LocalRayCluster(tmp_path / "storage", private_storage=(1,))
+    try:
+        c.start()
+        job = c.submit("python", "jobs/tune.py", SPACE, submission_id="raydpo-unshared")
+        assert c.wait(job, timeout=300) == "FAILED"
+        log = c.logs(job)
+        errors = [line for line in log.splitlines() if line.startswith("raydpo: error:")]
+        assert len(errors) == 1 and "does not see the run folder" in errors[0], log[-5000:]
+        assert "/mnt/shared" in errors[0]  # says what to do
+        assert not (c.storage / "runs" / "cluster-tiny" / "data").exists()  # no stage ran
+    finally:
+        c.stop()
+    assert not c.processes()

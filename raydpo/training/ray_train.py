@@ -500,12 +500,13 @@ def _progress_callback_class():
     from transformers import TrainerCallback
 
     class _ProgressCallback(TrainerCallback):
-        """Rank 0 prints ``[train NAME] epoch E/N step S/M loss L ... X steps/s`` at every log step
-        (with ``log_to_driver`` these lines reach the driver's output, i.e. the job log)."""
+        """Rank 0 prints ``[train NAME] epoch E/N step S/M loss L ... X steps/s`` about 20 times a
+        run (with ``log_to_driver`` these lines reach the driver's output, i.e. the job log)."""
 
         def __init__(self, name: str) -> None:
             self.name = name
             self.t0 = self.step0 = None
+            self.last = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0, self.step0 = time.time(), int(state.global_step)
@@ -516,6 +517,12 @@ def _progress_callback_class():
             logs = logs or {}
             if self.t0 is None or not any(k in logs for k in ("loss", "train_loss", "eval_loss")):
                 return
+            every = max(1, state.max_steps // 20)  # about 20 lines a run, and at least one each 10 s
+            now = time.time()
+            if not (state.global_step % every == 0 or state.global_step >= state.max_steps
+                    or "eval_loss" in logs or now - self.last >= 10):
+                return
+            self.last = now
             rate = (state.global_step - self.step0) / max(time.time() - self.t0, 1e-9)
             parts = [f"epoch {state.epoch or 0:.2f}/{args.num_train_epochs:g}", f"step {state.global_step}/{state.max_steps}"]
             for key in ("loss", "eval_loss", "rewards/accuracies", "rewards/margins", "learning_rate", "train_loss"):
@@ -623,7 +630,9 @@ def run_plan(plan: Plan | dict) -> TrainResult:
         resources = {"CPU": r.cpus_per_worker}
         if r.use_gpu:
             resources["GPU"] = 1
-        name = r.name or f"raydpo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # one Ray Train run per output folder: a rerun after a killed driver (or job) finds the
+        # run's checkpoints under the same name and resumes from the latest (checked first)
+        name = r.name or f"raydpo-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:12]}"
         if r.storage_path and "://" in r.storage_path:
             storage = r.storage_path  # s3://, gs://, ...: shared storage for a multi-node cluster
         else:

@@ -258,6 +258,46 @@ def _trainable(config: dict, base: dict, run_dir: str) -> None:
     tune.report({**metrics, HISTORY_KEY: history})
 
 
+_SEARCHER: list = []
+
+
+def _journal_searcher_class():
+    """``OptunaSearch`` whose study reopens its journal at ``self.journal`` when Tune restores
+    the searcher's pickled state (which names the journal path of the driver that saved it, and
+    a search resumed on another machine may keep its mirror of the storage root elsewhere)."""
+    if not _SEARCHER:
+        from ray.tune.search.optuna import OptunaSearch
+
+        class JournalOptunaSearch(OptunaSearch):
+            journal: str | None = None
+
+            def restore(self, checkpoint_path: str):
+                journal = self.journal
+                super().restore(checkpoint_path)
+                if journal and journal != self.journal:
+                    from optuna import load_study
+                    from optuna.storages import JournalStorage
+                    from optuna.storages.journal import JournalFileBackend
+
+                    self._storage = JournalStorage(JournalFileBackend(journal))
+                    self._ot_study = load_study(study_name=self._study_name, storage=self._storage,
+                                                sampler=self._ot_study.sampler)
+                    for t in self._ot_trials.values():
+                        t.study = self._ot_study
+                    self.journal = journal
+
+        JournalOptunaSearch.__module__ = __name__
+        JournalOptunaSearch.__qualname__ = "JournalOptunaSearch"
+        _SEARCHER.append(JournalOptunaSearch)
+    return _SEARCHER[0]
+
+
+def __getattr__(name: str):  # pickles of a search name the class; it is built on first use (Ray imported late)
+    if name == "JournalOptunaSearch":
+        return _journal_searcher_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _mlflow_settings(space: SearchSpace, out: Path) -> dict | None:
     if space.mlflow is False:
         return None
@@ -306,11 +346,17 @@ def _callbacks(tracking: dict | None, out: Path, remote_out: str | None) -> list
         class CopyResults(Callback):
             """Keep the object-store copy of the Optuna journal current after every trial."""
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
+            def _copy(self) -> None:
                 from .. import storage
 
                 if (out / "study.journal").exists():
                     storage.upload_file(out / "study.journal", f"{remote_out}/study.journal")
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._copy()  # the trial Optuna just asked for is in the journal
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self._copy()
 
         callbacks.append(CopyResults())
     return callbacks
@@ -332,7 +378,6 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     Ray instance of its own (the quickstart); default: Ray's convention (``RAY_ADDRESS``, ...)."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from .. import storage
 
@@ -355,10 +400,6 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     exp_parent = (root.remote_of(out) if root is not None else None) or str(out)
     exp_path = f"{exp_parent.rstrip('/')}/experiment"
     remote_out = root.remote_of(out) if root is not None else None
-    if resume and remote_out:  # results and the Optuna journal of an earlier driver, maybe elsewhere
-        for f in ("study.journal", "base_config.json", "mlruns/mlflow.db"):
-            if not (out / f).exists():
-                storage.download_file(f"{remote_out}/{f}", out / f)
     from ..outputs import check_output, claim_folder
 
     if not cfg.ray.storage_path:  # the trials' shared run folder (upstream stages), claimed before the search
@@ -368,6 +409,10 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     check_output(out, kind="search", folder=True, resumable=True, option="--out",
                  inputs=[path] + ([cfg.data.path] if cfg.data.source == "path" else []))
     claim_folder(out, "search")
+    if resume and remote_out:  # the Optuna journal and MLflow store of an earlier driver, maybe elsewhere
+        for f in ("study.journal", "mlruns/mlflow.db"):
+            if not (out / f).exists() and storage.download_file(f"{remote_out}/{f}", out / f):
+                print(f"downloaded {remote_out}/{f}")
     run_dir = cfg.run_dir
     write_json(out / "base_config.json", cfg.model_dump(mode="json"))
     tracking = _mlflow_settings(space, out)
@@ -392,11 +437,13 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    study = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    journal = str(out / "study.journal")
+    study = JournalStorage(JournalFileBackend(journal))
     objectives = list(space.objectives)
-    searcher = OptunaSearch(space=optuna_space(space), metric=objectives,
-                            mode=[space.objectives[o] for o in objectives], sampler=_sampler(space),
-                            study_name=name, storage=study, seed=None)
+    searcher = _journal_searcher_class()(
+        space=optuna_space(space), metric=objectives, mode=[space.objectives[o] for o in objectives],
+        sampler=_sampler(space), study_name=name, storage=study, seed=None)
+    searcher.journal = journal
     searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), run_dir=run_dir),
@@ -411,7 +458,13 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
               flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, param_space=param_space,
                                    resume_errored=True)
-        tuner._local_tuner._run_config.callbacks = callbacks  # callbacks are not pickled with the experiment
+        # the pickled experiment names the earlier driver's paths: this driver's callbacks, and the
+        # Optuna journal where this driver keeps it (another machine may mirror the root elsewhere)
+        local = tuner._local_tuner
+        local._run_config.callbacks = callbacks
+        restored = getattr(local._tune_config.search_alg, "searcher", local._tune_config.search_alg)
+        if hasattr(restored, "journal"):
+            restored.journal = journal
     else:
         tuner = tune.Tuner(
             trainable,
