@@ -307,6 +307,12 @@ def run_pipeline(cfg: PipelineConfig, *, from_stage: str | None = None, until: s
                 shutil.rmtree(out)
             if stage in forced and remote and storage.remote_exists(remote):
                 storage.delete_remote(remote)
+            if stage in forced and root is not None:  # its Ray Train run too, or Train would resume it
+                train_runs = root.join("train", f"{stage}-{ctx.keys[stage]}")
+                if root.remote and storage.remote_exists(train_runs):
+                    storage.delete_remote(train_runs)
+                elif not root.remote and Path(train_runs).exists():
+                    shutil.rmtree(train_runs)
             if not done.exists() and stage not in forced and remote and storage.remote_exists(f"{remote}/_SUCCESS"):
                 n = storage.download_dir(remote, out)
                 print(f"[{stage}] downloaded the finished stage from {remote} ({n} files)")

@@ -11,6 +11,7 @@ storage root ``s3://...``, reached the way Ray reaches it (pyarrow's S3 filesyst
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -129,7 +130,7 @@ tmp = Path(sys.argv[1])
 if not (tmp / "prefs.parquet").exists():
     ds = generate(SyntheticConfig(n_users=120, n_items=60, seed=11))
     ds.save(tmp / "data")
-    random_preferences(ds, n_negatives=1, seed=1, limit=32).to_parquet(tmp / "prefs.parquet")
+    random_preferences(ds, n_negatives=1, seed=1, limit=96).to_parquet(tmp / "prefs.parquet")
 base = resolve_model_path("tiny", catalog=generate(SyntheticConfig(n_users=120, n_items=60, seed=11)).catalog)
 res = run_plan({"model": {"name_or_path": base}, "dataset": str(tmp / "data"), "output_dir": str(tmp / "run"),
                 "stages": [{"kind": "preference", "name": "dpo", "data": str(tmp / "prefs.parquet"), "epochs": 3,
@@ -150,7 +151,7 @@ def test_train_checkpoints_on_s3_resume_a_killed_driver_after_their_manifest_is_
     cmd = [sys.executable, "-c", TRAIN_SCRIPT, str(tmp_path), f"s3://{BUCKET}/train"]
     proc = subprocess.Popen(cmd, env=_env(s3env), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    first = "00-dpo-step0000004"
+    first = "00-dpo-step0000012"  # epoch 1 of 3 (12 steps each)
     try:
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
@@ -163,7 +164,11 @@ def test_train_checkpoints_on_s3_resume_a_killed_driver_after_their_manifest_is_
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     keys = _keys(client, "train/")
-    (opt,) = [k for k in keys if k.endswith(f"/{first}/optimizer.pt")]
+    steps = sorted(int(re.search(r"/00-dpo-step(\d+)/raydpo_sha256-r0.json$", k).group(1))
+                   for k in keys if k.endswith("/raydpo_sha256-r0.json"))
+    assert steps and steps[-1] < 36, steps  # killed mid-run
+    latest = steps[-1]  # the checkpoint a rerun resumes from
+    (opt,) = [k for k in keys if k.endswith(f"/00-dpo-step{latest:07d}/optimizer.pt")]
     good = client.get_object(Bucket=BUCKET, Key=opt)["Body"].read()
     client.put_object(Bucket=BUCKET, Key=opt, Body=good[:-8] + b"tampered")  # same size, other bytes
 
@@ -176,11 +181,10 @@ def test_train_checkpoints_on_s3_resume_a_killed_driver_after_their_manifest_is_
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-8000:]
     res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    assert res["stage"]["resumed_from"] is True  # from the step-4 checkpoint on S3
-    assert "[train dpo] start: 12 steps, 3 epoch(s), resuming at step 4" in out
-    assert [m["step"] for m in res["metrics"]][-2:] == [8, 12] and res["metrics"][-1]["resumed_from_step"] == 4
+    assert res["stage"]["resumed_from"] is True  # from the latest checkpoint on S3
+    assert f"[train dpo] start: 36 steps, 3 epoch(s), resuming at step {latest}" in out
+    assert [m["step"] for m in res["metrics"]] == [12, 24, 36] and res["metrics"][-1]["resumed_from_step"] == latest
     assert res["checkpoint"].startswith(f"{BUCKET}/train/raydpo-")
     keys = _keys(client, "train/")
-    for step in ("00-dpo-step0000004", "00-dpo-step0000008", "00-dpo-step0000012"):
-        ck = [k for k in keys if f"/{step}/" in k]
-        assert any(k.endswith(f"/{step}/raydpo_sha256-r0.json") for k in ck), step
+    for step in (24, 36):  # Ray Train keeps the last two (checkpoint_keep)
+        assert any(k.endswith(f"/00-dpo-step{step:07d}/raydpo_sha256-r0.json") for k in keys), step
