@@ -7,7 +7,9 @@
    nothing in the job's working dir; the job log says which cluster it joined, that both nodes see
    the run folder, and shows training progress; generation ran an actor on each node and every
    shard is there;
-2. a second search stopped midway with ``ray job stop``, then resumed by its name -> SUCCEEDED.
+2. a second search stopped midway with ``ray job stop``, then resumed by its name -> SUCCEEDED;
+3. (another cluster) a node that does not see the storage root (an empty tmpfs over it, in a mount
+   namespace of its own, as after a failed NFS mount) stops the job before any stage, in one line.
 
 The cluster is stopped by its own processes (never ``ray stop``, which would stop every Ray on
 the machine)."""
