@@ -402,7 +402,8 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     remote_out = root.remote_of(out) if root is not None else None
     from ..outputs import check_output, claim_folder
 
-    if not cfg.ray.storage_path:  # the trials' shared run folder (upstream stages), claimed before the search
+    if out.is_relative_to(Path(cfg.run_dir).resolve()):  # the search inside the trials' shared run folder:
+        # claim that folder (upstream stages) first, so the search folder is not a foreign entry in it
         check_output(cfg.run_dir, kind="run", folder=True, resumable=True, option="run_dir",
                      inputs=[path] + ([cfg.data.path] if cfg.data.source == "path" else []))
         claim_folder(cfg.run_dir, "run")
