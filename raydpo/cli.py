@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_args import (RaydpoArgumentParser, int_at_least, number_above, parse_sets, print_error, report_unexpected,
+from .cli_args import (RaydpoArgumentParser, int_at_least, parse_sets, print_error, report_unexpected,
                        share)
 from .errors import RaydpoError
 

@@ -199,7 +199,9 @@ def run_sharded(
     t0 = time.perf_counter()
     if pending:
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+            from ..storage import ray_init
+
+            ray_init(log_to_driver=False)  # Ray's convention; prints which cluster it joined
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our own bar counts rows and rows/s
         logging.getLogger("ray.data").setLevel(logging.WARNING)

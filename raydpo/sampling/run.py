@@ -17,7 +17,6 @@ against the catalog and the candidate pool, duplicates avoided, candidate filter
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -257,7 +256,9 @@ def sample_negatives_ray(dataset: Dataset, candidates, strategy, seed: int = 0, 
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False, include_dashboard=False)
+        from ..storage import ray_init
+
+        ray_init(log_to_driver=False)  # Ray's convention; prints which cluster it joined
     st, ann, state, n, info = prepare(dataset, candidates, strategy, seed, n_negatives, annotation=annotation,
                                       lightgcn=lightgcn, embedding_kind=embedding_kind,
                                       lightgcn_config=lightgcn_config, **annotate_overrides)
