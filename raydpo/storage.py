@@ -32,7 +32,6 @@ run code on the cluster.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -338,11 +337,9 @@ def check_nodes_share(folder: str | Path, timeout_s: float = 300.0) -> int:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .outputs import file_sha256
+
+    return file_sha256(path)
 
 
 def write_manifest(folder: str | Path, rank: int = 0) -> Path:
