@@ -111,7 +111,12 @@ space:
     assert main(["tune", str(bad), "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
     out = tmp_path / "search"
-    assert main(["tune", str(space), "--out", str(out)]) == 0
+    from raydpo.sampling import unregister_strategy
+
+    try:
+        assert main(["tune", str(space), "--out", str(out)]) == 0
+    finally:  # the plugin registered its strategy in this process too: leave the registry as it was
+        unregister_strategy("exploding")
     trials = pd.read_csv(out / "trials.csv")
     assert sorted(trials["sampling.strategy"]) == ["clusterout_low", "exploding", "random"]
     failed = trials[trials["status"] == "ERROR"]
