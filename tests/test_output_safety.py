@@ -2,7 +2,6 @@
 killed run leaves nothing that looks complete (and nothing the next run does not clean up)."""
 
 import hashlib
-import json
 import os
 import shutil
 import signal
