@@ -137,6 +137,17 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file; any problem (missing, a folder, unreadable, not UTF-8, malformed, too
     deep, duplicate keys) raises one DataError line naming the file (see :mod:`raydpo.readers`)."""

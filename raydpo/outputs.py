@@ -19,13 +19,13 @@ Every refusal is one line naming the path, raised as :class:`OutputError`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 from .errors import RaydpoError
+from .io import sha256_file
 
 MARKER = ".raydpo-output.json"
 LEDGER = ".raydpo-outputs.json"
@@ -71,14 +71,6 @@ def claim_folder(folder: str | Path, kind: str) -> Path:
     return folder
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_ledger(folder: Path) -> dict:
     try:
         data = json.loads((folder / LEDGER).read_text(encoding="utf-8"))
@@ -95,7 +87,7 @@ def record_file(path: str | Path, kind: str) -> None:
     if not path.is_file():
         return
     ledger = _read_ledger(path.parent)  # a lost entry only means --overwrite is refused later
-    ledger[path.name] = {"kind": kind, "sha256": file_sha256(path)}
+    ledger[path.name] = {"kind": kind, "sha256": sha256_file(path)}
     write_json(path.parent / LEDGER, ledger)
 
 
@@ -106,7 +98,7 @@ def recorded_kind(path: str | Path) -> str | None:
     if not isinstance(entry, dict):
         return None
     try:
-        return entry.get("kind") if entry.get("sha256") == file_sha256(path) else None
+        return entry.get("kind") if entry.get("sha256") == sha256_file(path) else None
     except OSError:
         return None
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import RaydpoError
+from .io import sha256_file
 
 ENV = "RAYDPO_STORAGE"
 CACHE_ENV = "RAYDPO_STORAGE_CACHE"
@@ -334,12 +335,6 @@ def check_nodes_share(folder: str | Path, timeout_s: float = 300.0) -> int:
 
 
 # --- checkpoint manifests ------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    from .outputs import file_sha256
-
-    return file_sha256(path)
 
 
 def write_manifest(folder: str | Path, rank: int = 0) -> Path:

@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import DataError, RaydpoError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, sha256_file, write_json
 from .common import (
     FAIL_MARKER,
     STATE_FILE,
@@ -81,14 +81,6 @@ class TrainResult:
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stage_hash(stage, start: dict, data_sha: str | None, eval_sha: str | None) -> str:
@@ -225,7 +217,7 @@ def prepare(plan: Plan | dict) -> _Prepared:
             with atomic_path(out) as tmp:
                 frame.to_parquet(tmp, index=False)
             entry[key] = str(out)
-            entry["sha" if key == "path" else "eval_sha"] = _sha256_file(out)
+            entry["sha" if key == "path" else "eval_sha"] = sha256_file(out)
         data[st.name] = entry
     if r.num_workers > 0:
         _ensure_ray()
@@ -374,7 +366,7 @@ def _run_selfplay(st: SelfPlayConfig, current: ModelState, cfg: dict, ctx: Worke
 
         def fill(tmp: Path) -> dict:
             prefs.to_parquet(tmp / "preferences.parquet", index=False)
-            return {"data_sha": _sha256_file(tmp / "preferences.parquet")}
+            return {"data_sha": sha256_file(tmp / "preferences.parquet")}
 
         info = _write_stage(out_dir, {"name": st.name, "kind": "selfplay", "hash": stage_hash, "rows": len(prefs),
                                       "model": current.to_dict(), "_data_rel": "preferences.parquet"}, fill)
