@@ -32,6 +32,21 @@ def goodreads_copy(tmp_path):
     return dst
 
 
+@pytest.fixture(autouse=True)
+def _strategy_registry_restored():
+    """Plugin strategies a test loads (directly, or through a config's ``sampling.plugins``) are
+    removed after it, so no later test sees them in ``strategy_names()``."""
+    from raydpo.sampling import strategies
+
+    registry = dict(strategies._REGISTRY)
+    loaded = dict(strategies._LOADED_FILES)
+    yield
+    strategies._REGISTRY.clear()
+    strategies._REGISTRY.update(registry)
+    strategies._LOADED_FILES.clear()
+    strategies._LOADED_FILES.update(loaded)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     # keep the user's cache out of tests, but share one cache across the session
