@@ -2,7 +2,9 @@
 
     raydpo demo                       run the embedded default end to end (synthetic data)
     raydpo evaluate PRED --data DIR   metrics of a predictions file (published format)
-    raydpo data synth|convert|import-logs|stats
+    raydpo compare A B [C ...]        intervals and paired significance tests between methods
+    raydpo data synth|convert|import-logs|stats|fetch
+    raydpo data import-candidates|import-preferences   the research code's files into raydpo's tables
     raydpo generate --data DIR --out DIR   self-play candidates (constrained beam search, Ray Data)
     raydpo predict --data DIR --out DIR    test predictions in the published format
 
@@ -38,9 +40,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.json:
         _check_out(args, args.json, kind="metrics", folder=False, inputs=[args.predictions, args.data], option="--json")
+    if args.per_user:
+        _check_out(args, args.per_user, kind="per-user", folder=False, inputs=[args.predictions, args.data],
+                   option="--per-user")
+        if args.json and Path(args.json).resolve() == Path(args.per_user).resolve():
+            raise RaydpoError(f"--per-user {args.per_user}: the same path as --json; choose another file")
     results = evaluate_file(args.predictions, args.data, ks=args.k, json_out=args.json, encoder=args.encoder,
-                            protocol=args.protocol, split=args.split, progress=not args.quiet)
+                            protocol=args.protocol, split=args.split, progress=not args.quiet,
+                            per_user_out=args.per_user)
     print(format_table(results))
+    if args.per_user:
+        record_file(args.per_user, "per-user")
+        print(f"wrote {args.per_user}")
     if args.json:
         record_file(args.json, "metrics")
         print(f"wrote {args.json}")
@@ -150,14 +161,46 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .outputs import record_file
     from .report import report
 
+    extras = []
+    for item in args.extra or []:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise RaydpoError(f"--extra {item!r}: expected NAME=FILE (a row name and a predictions JSON file)")
+        if not Path(file).is_file():
+            raise RaydpoError(f"--extra {name}: {file}: no such predictions file")
+        extras.append((name, file))
     if args.out:  # the default (inside the run or search folder) is raydpo's own place
         out = Path(args.out)
-        for p, kind in ((out, "report"), (out.with_suffix(".png"), "report-plot")):
+        for p, kind in ((out, "report"), (out.with_suffix(".png"), "report-plot"),
+                        (out.with_suffix(".csv"), "report-table")):
             _check_out(args, p, kind=kind, folder=False, option="--out")
-    written = report(args.path, args.out)
+    written = report(args.path, args.out, extras=extras, data=args.data, split=args.split, ci=args.ci)
     if args.out:
         record_file(written, "report")
         record_file(Path(written).with_suffix(".png"), "report-plot")
+        record_file(Path(written).with_suffix(".csv"), "report-table")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .evaluation.compare import markdown, run_compare, split_name, to_csv
+    from .io import write_json
+    from .outputs import record_file
+
+    if len(args.methods) < 1:
+        raise RaydpoError("compare: name at least one predictions file, run folder or search folder")
+    if args.json:
+        _check_out(args, args.json, kind="comparison", folder=False, option="--json",
+                   inputs=[split_name(m)[1] for m in args.methods] + [args.data])
+    result = run_compare(args.methods, args.data, baseline=args.baseline, ks=args.k, n_resamples=args.resamples,
+                         confidence=args.confidence, seed=args.seed, test=args.test, interval=args.interval,
+                         metrics=args.metrics, encoder=args.encoder, protocol=args.protocol, split=args.split,
+                         progress=not args.quiet)
+    print(markdown(result) if args.format == "markdown" else to_csv(result), end="")
+    if args.json:
+        write_json(args.json, result)
+        record_file(args.json, "comparison")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -195,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int_at_least(1), nargs="+", default=[5, 10], help="cut-offs (default: 5 10)")
     e.add_argument("--json", help="write metrics as JSON keyed by k to this file")
     e.add_argument("--print-json", action="store_true", help="print the JSON to stdout")
-    e.add_argument("--overwrite", action="store_true", help="replace a metrics file raydpo wrote earlier")
+    e.add_argument("--per-user", metavar="FILE.parquet",
+                   help="also write per-user results (each row's target, top-k items, target rank, metric "
+                        "contributions and genre masses) for intervals and paired tests (`raydpo compare`)")
+    e.add_argument("--overwrite", action="store_true", help="replace a metrics or per-user file raydpo wrote earlier")
     e.add_argument("--encoder", default="minilm-onnx",
                    help="minilm-onnx (offline default), st:NAME_OR_PATH, or a .onnx file")
     e.add_argument("--protocol", default="reference", choices=["reference", "valid_only"],
@@ -245,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--ignore-genres-above", type=share, default=None,
                     help="leave out genres carried by more than this share of items (e.g. 0.9)")
     st.set_defaults(func=_cmd_stats)
+    from .data.research_cli import add_import_parsers
+
+    add_import_parsers(d)  # import-candidates, import-preferences (the research code's files)
 
     from .generation.cli import add_generation_parsers
     from .sampling.cli import add_sampling_parser
@@ -283,11 +332,65 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--split", default="test", choices=["valid", "test"])
     te.set_defaults(func=_cmd_tune_eval)
 
-    rp = sub.add_parser("report", help="markdown table (published style) and plots of a run or a search")
+    rp = sub.add_parser("report", help="markdown table (published style) with 95% intervals and plots of a run or "
+                                       "a search", description="The published-style table (one row per method, "
+                                       "k = 5 and 10) with each value's 95% interval (bootstrap over users), a plot "
+                                       "with interval bars, and for a search its Pareto front and significance tests.")
     rp.add_argument("path", help="a pipeline run directory or a search directory")
-    rp.add_argument("--out", help="markdown file (default: PATH/report.md); the plot goes beside it (.png)")
+    rp.add_argument("--out", help="markdown file (default: PATH/report.md); the plot (.png) and the table with intervals (.csv) go beside it")
     rp.add_argument("--overwrite", action="store_true", help="replace a report raydpo wrote earlier at --out")
+    rp.add_argument("--extra", action="append", metavar="NAME=FILE",
+                    help="add a published predictions file (JSON, published format) as the row NAME, evaluated "
+                         "with the same evaluator on the same split (repeatable)")
+    rp.add_argument("--data", help="dataset folder of the --extra files (default: the one the run evaluated on)")
+    rp.add_argument("--split", choices=["valid", "test"],
+                    help="split of the --extra files (default: the run's evaluation split)")
+    rp.add_argument("--ci", choices=["pm", "bracket", "off"], default="pm",
+                    help="how intervals are shown: pm = 0.0211 ± 0.0040 (the larger half of the 95%% interval), "
+                         "bracket = 0.0211 [0.0171, 0.0251], off = values only (default: pm)")
     rp.set_defaults(func=_cmd_report)
+
+    from .cli_args import confidence_level
+    from .evaluation.metrics import METRIC_NAMES
+
+    cp = sub.add_parser(
+        "compare", help="methods side by side: bootstrap intervals and paired significance tests over users",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For every metric at every k: each method's value with its bootstrap confidence interval over "
+                    "the test users, and each method's difference to the baseline on the same users with its "
+                    "interval, a two-sided p-value (paired bootstrap or paired permutation test) and the "
+                    "Holm-corrected p-value over all comparisons shown (* = significant).\n\n"
+                    "Each METHOD is [NAME=]PATH: a predictions file (published JSON format; evaluated here on "
+                    "--data), a per-user results file (raydpo evaluate --per-user), a folder holding one of these "
+                    "(a published result folder, an evaluate stage), a pipeline run folder (every evaluated "
+                    "configuration) or a search folder (every successful trial).\n\n"
+                    "example: raydpo compare SPRec=oracle/SPRec_Reproduction/raw_results_1000.json "
+                    "CE=oracle/ClusterExposure_model__Div_10_1.0__clusterout_low --data data/goodreads")
+    cp.add_argument("methods", nargs="+", metavar="METHOD", help="[NAME=]PATH, two or more to compare")
+    cp.add_argument("--data", help="dataset folder the predictions files were predicted on (needed to evaluate "
+                                   "predictions files; run folders use their own)")
+    cp.add_argument("--baseline", help="the method the others are compared with (a NAME or PATH; default: the first)")
+    cp.add_argument("--k", type=int_at_least(1), nargs="+", help="cut-offs (default: 5 10, or those evaluated)")
+    cp.add_argument("--metrics", nargs="+", choices=list(METRIC_NAMES), metavar="METRIC",
+                    help=f"metrics to show (default: all of {' '.join(METRIC_NAMES)})")
+    cp.add_argument("--resamples", type=int_at_least(1), default=10000, help="bootstrap resamples (default: 10000)")
+    cp.add_argument("--confidence", type=confidence_level, default=0.95,
+                    help="confidence level of the intervals; 1 - it is the significance level (default: 0.95)")
+    cp.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the resampling (default: 0)")
+    cp.add_argument("--test", choices=["bootstrap", "permutation"], default="bootstrap",
+                    help="paired test of the differences (default: bootstrap)")
+    cp.add_argument("--interval", choices=["percentile", "bca"], default="percentile",
+                    help="bootstrap interval (default: percentile)")
+    cp.add_argument("--format", choices=["markdown", "csv"], default="markdown", help="table printed (default: markdown)")
+    cp.add_argument("--json", metavar="FILE", help="write every number as JSON (per method, k and metric)")
+    cp.add_argument("--overwrite", action="store_true", help="replace a JSON file raydpo wrote earlier")
+    cp.add_argument("--encoder", default="minilm-onnx", help="encoder for predictions files (as in raydpo evaluate)")
+    cp.add_argument("--protocol", default="reference", choices=["reference", "valid_only"],
+                    help="protocol for predictions files (as in raydpo evaluate)")
+    cp.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                    help="split of the predictions files (default: test)")
+    cp.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    cp.set_defaults(func=_cmd_compare)
 
     q = sub.add_parser("quickstart", help="the main job on the embedded default: tiny model, synthetic data, "
                                           "a 4-strategy search, Pareto table and plot")

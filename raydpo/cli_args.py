@@ -71,6 +71,17 @@ def share(text: str) -> float:
     return v
 
 
+def confidence_level(text: str) -> float:
+    """A confidence level strictly between 0 and 1 (e.g. 0.95)."""
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not (0 < v < 1):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1 (e.g. 0.95), got {text!r}")
+    return v
+
+
 def parse_sets(groups: list | None) -> dict[str, Any]:
     """``--set K=V [K=V ...]`` given any number of times, flattened in order. A value is parsed as
     YAML (``[1, 2]``, ``0.1``, ``true``); a malformed value or a key given twice is one error line

@@ -29,6 +29,7 @@ from typing import Any, Callable
 from .config import PipelineConfig
 from .errors import RaydpoError
 from .io import file_lock, read_json, write_json
+from .stages import preference_file, preference_sets  # noqa: F401 - preference_file: for importers
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,31 @@ def stage_params(cfg: PipelineConfig, stage: str) -> dict:
     """The slice of the config that affects ``stage`` (its own inputs, not upstream ones)."""
     c = cfg
     if stage == "data":  # where missing data is fetched from does not change it (checksums)
-        return c.data.model_dump(exclude={"fetch", "fetch_url"})
+        d = c.data.model_dump(exclude={"fetch", "fetch_url"})
+        for f in ("valid_fraction", "test_fraction"):  # added later: at their defaults, earlier keys stay valid
+            if d["synthetic"][f] == type(c.data.synthetic).model_fields[f].default:
+                del d["synthetic"][f]
+        return d
     if stage == "sft":
-        return {"model": c.model.model_dump(), "sft": c.sft.model_dump(), "deepspeed": c.ray.deepspeed}
+        return {"model": c.model.model_dump(), "sft": _unset_dropped(c.sft.model_dump(), "max_rows"),
+                "deepspeed": c.ray.deepspeed}
     if stage == "generate":
         return c.generation.model_dump()
     if stage == "sample":
         return {"sampling": c.sampling.model_dump(), "datasets": preference_sets(c)}
     if stage == "align":
-        return {"alignment": c.alignment.model_dump(), "sampling": c.sampling.model_dump(),
+        return {"alignment": _unset_dropped(c.alignment.model_dump(), "max_rows"), "sampling": c.sampling.model_dump(),
                 "deepspeed": c.ray.deepspeed}
     if stage == "predict":
-        return {"prediction": c.prediction.model_dump(), "split": c.evaluation.split}
+        return {"prediction": _unset_dropped(c.prediction.model_dump(), "dtype"), "split": c.evaluation.split}
     if stage == "evaluate":
         return c.evaluation.model_dump()
     raise RaydpoError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+
+
+def _unset_dropped(params: dict, *fields: str) -> dict:
+    """Fields added later leave the keys of earlier runs unchanged while they are unset (None)."""
+    return {k: v for k, v in params.items() if not (k in fields and v is None)}
 
 
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
@@ -133,7 +144,8 @@ def run_data(ctx: Context, out: Path) -> dict:
     if d.source == "synthetic":
         s = d.synthetic
         ds = generate(SyntheticConfig(n_users=s.n_users, n_items=s.n_items, n_genres=s.n_genres,
-                                      history_len=s.history_len, seed=s.seed))
+                                      history_len=s.history_len, valid_fraction=s.valid_fraction,
+                                      test_fraction=s.test_fraction, seed=s.seed))
     else:
         ds = load_dataset(d.path)
     k = max(ctx.cfg.evaluation.ks)
@@ -196,8 +208,11 @@ def run_predict(ctx: Context, out: Path) -> dict:
                           max_new_tokens=p.max_new_tokens)
     r = ctx.cfg.ray
     _ray_init(ctx.cfg)
+    spec = _model_spec(ctx, "align", _decode_device(ctx.cfg))
+    if p.dtype is not None:
+        spec.dtype = p.dtype
     return run_sharded("predictions", ctx.outputs["data"] / "dataset", out / "predictions",
-                       _model_spec(ctx, "align", _decode_device(ctx.cfg)), decode, [ctx.cfg.evaluation.split],
+                       spec, decode, [ctx.cfg.evaluation.split],
                        Resources(r.generation_actors, r.gpus_per_actor, None, r.shard_size), limit=p.limit,
                        progress=ctx.progress)
 
@@ -215,8 +230,14 @@ def run_evaluate(ctx: Context, out: Path) -> dict:
         f = ds.samples.frame
         keep = (f["split"] != e.split) | (f.groupby("split").cumcount() < limit)
         ds = Dataset(ds.catalog, Samples(f[keep].reset_index(drop=True)), ds.name, ds.instruction)
-    res = evaluate(preds, ds, e.ks, encoder=e.encoder, protocol=e.protocol, split=e.split, progress=False)
+    res, per_user = evaluate(preds, ds, e.ks, encoder=e.encoder, protocol=e.protocol, split=e.split,
+                             progress=False, per_user=True)
     write_json(out / "metrics.json", to_json(res))
+    # every metric recomputable on any subset of users: intervals and paired tests (raydpo compare)
+    from .evaluation.stats import PER_USER_FILE
+
+    per_user.meta["stage"] = out.name
+    per_user.write(out / PER_USER_FILE)
     print(f"evaluation on {e.split} ({len(preds)} rows):\n{format_table(res)}")
     return {"metrics": to_json(res)}
 
@@ -246,23 +267,6 @@ def _model_spec(ctx: Context, stage: str, device: str = "auto"):
     if (out / "model").exists():
         return ModelSpec(str(out / "model"), None, ctx.cfg.model.dtype, device)
     return ModelSpec(ctx.cfg.model.name_or_path, None, ctx.cfg.model.dtype, device)
-
-
-def preference_sets(cfg: PipelineConfig) -> list[tuple[str, int]]:
-    """The (strategy, n_negatives) preference datasets the alignment stages need."""
-    s, a = cfg.sampling, cfg.alignment
-    if not a.stages:
-        return [(s.strategy, s.n_negatives)]
-    sets = []
-    for st in a.stages:
-        key = (st.strategy or s.strategy, st.n_negatives or s.n_negatives)
-        if key not in sets:
-            sets.append(key)
-    return sets
-
-
-def preference_file(sample_dir: Path, split: str, strategy: str, n: int) -> Path:
-    return Path(sample_dir) / split / f"{strategy}-n{n}.parquet"
 
 
 # --- driver --------------------------------------------------------------------------------------

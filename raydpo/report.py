@@ -3,7 +3,13 @@ published tables (one row per method, metrics at k = 5 and 10), with plots.
 
 A pipeline run directory holds ``evaluate/<key>/`` folders (one per evaluated configuration);
 a search directory holds ``trials.csv``. Either is rendered to ``report.md`` beside a
-``report.png`` (NDCG@10 against ORRatio@10, one point per method).
+``report.png`` (NDCG@10 against ORRatio@10, one point per method, with interval bars) and
+``report.csv`` (every value with its interval).
+
+Each value comes with its 95% interval: for a run, the bootstrap over users of the evaluate
+stage's per-user results; for a search, the intervals in ``trials.csv``. ``--extra NAME=FILE``
+adds published prediction files as rows, evaluated with the same evaluator on the same split
+(and their intervals likewise). A search's ``significance.md`` is included.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from .readers import json_kind, one_line, read_json, read_text
 from .io import atomic_path, write_text
 
 COLUMNS = ["NDCG", "HR", "DivRatio", "ORRatio", "MGU", "DGU"]
+REPORT_RESAMPLES = 2000  # bootstrap resamples over users for the intervals the report computes
 
 
 def _method_label(cfg: dict) -> str:
@@ -47,8 +54,59 @@ def collect_run(run_dir: Path) -> pd.DataFrame:
         for k, m in metrics.items():
             for name, v in m.items():
                 row[f"{name}@{k}"] = v
+        from .evaluation.stats import PER_USER_FILE
+
+        if (done.parent / PER_USER_FILE).exists():
+            from .evaluation.stats import PerUser
+
+            row.update(interval_row(PerUser.read(done.parent / PER_USER_FILE)))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def interval_row(per_user, confidence: float = 0.95) -> dict[str, float]:
+    """``{"NDCG@10_ci_low": ..., "NDCG@10_ci_high": ...}``: bootstrap over the users of ``per_user``."""
+    from .evaluation.stats import bootstrap_intervals
+
+    res = bootstrap_intervals(per_user, n_resamples=REPORT_RESAMPLES, confidence=confidence, seed=0)
+    return {f"{name}@{k}_ci_{side}": d[f"ci_{side}"] for k, m in res.items() for name, d in m.items()
+            for side in ("low", "high")}
+
+
+def extra_row(name: str, predictions: str | Path, data: str | Path, split: str, ks=(5, 10),
+              encoder: str = "minilm-onnx", protocol: str = "reference") -> dict:
+    """A row for a published prediction file, evaluated as ``raydpo evaluate`` does, with intervals."""
+    from .data import load_dataset
+    from .evaluation import evaluate
+    from .evaluation.evaluate import Predictions
+
+    ds = load_dataset(data)
+    metrics, per_user = evaluate(Predictions.read(predictions), ds, ks, encoder=encoder, protocol=protocol,
+                                 split=split, progress=False, per_user=True)
+    row = {"method": name, "split": split, "source": str(predictions)}
+    for k, m in metrics.items():
+        for metric, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[f"{metric}@{k}"] = v
+    row.update(interval_row(per_user))
+    return row
+
+
+def run_dataset(path: Path, kind: str) -> tuple[Path | None, dict]:
+    """The dataset folder a run or search evaluated on, and its evaluation settings."""
+    from .config import PipelineConfig
+    from .pipeline import stage_keys
+
+    if kind == "search" and (path / "base_config.json").exists():
+        cfg = PipelineConfig.model_validate(read_json(path / "base_config.json"))
+        key = stage_keys(cfg)["data"]
+        return Path(cfg.run_dir) / "data" / key / "dataset", cfg.evaluation.model_dump()
+    if kind == "run" and (path / "last_run.json").exists():
+        last = read_json(path / "last_run.json")
+        if isinstance(last, dict) and isinstance(last.get("keys"), dict) and "data" in last["keys"]:
+            ev = (last.get("config") or {}).get("evaluation") or {}
+            return path / "data" / str(last["keys"]["data"]) / "dataset", ev
+    return None, {}
 
 
 def _chain_config(run_dir: Path, evaluate_key: str | None) -> dict:
@@ -106,7 +164,21 @@ def collect_search(search_dir: Path) -> pd.DataFrame:
     return trials
 
 
-def markdown_table(frame: pd.DataFrame, ks=(5, 10)) -> str:
+def cell(r: pd.Series, col: str, ci: str = "pm") -> str:
+    """``0.0211``, or with its interval ``0.0211 ± 0.0040`` (ci ``pm``: the larger half-width) or
+    ``0.0211 [0.0171, 0.0251]`` (``bracket``)."""
+    from .evaluation.stats import format_interval
+
+    v = r.get(col)
+    if v is None or pd.isna(v):
+        return ""
+    lo, hi = r.get(col + "_ci_low"), r.get(col + "_ci_high")
+    if ci == "off" or lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return f"{v:.4f}"
+    return format_interval(float(v), float(lo), float(hi), style=ci)
+
+
+def markdown_table(frame: pd.DataFrame, ks=(5, 10), ci: str = "pm") -> str:
     head = ["Method"] + [f"{c}@{k}" for k in ks for c in COLUMNS]
     if "Predict_NotIn_Ratio@5" in frame.columns:
         head.append("NotIn")
@@ -115,8 +187,7 @@ def markdown_table(frame: pd.DataFrame, ks=(5, 10)) -> str:
         cells = [str(r["method"])]
         for k in ks:
             for c in COLUMNS:
-                v = r.get(f"{c}@{k}")
-                cells.append("" if v is None or pd.isna(v) else f"{v:.4f}")
+                cells.append(cell(r, f"{c}@{k}", ci))
         if "Predict_NotIn_Ratio@5" in frame.columns:
             cells.append(f"{r['Predict_NotIn_Ratio@5']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -129,8 +200,14 @@ def plot_methods(frame: pd.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .tuning.pareto import error_bars
+
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    ax.scatter(frame["ORRatio@10"], frame["NDCG@10"], color="#2e86ab")
+    xerr, yerr = error_bars(frame, "ORRatio@10"), error_bars(frame, "NDCG@10")
+    if xerr is not None or yerr is not None:  # 95% intervals
+        ax.errorbar(frame["ORRatio@10"], frame["NDCG@10"], xerr=xerr, yerr=yerr, fmt="none", ecolor="#9cc3d5",
+                    elinewidth=1, capsize=2, zorder=1)
+    ax.scatter(frame["ORRatio@10"], frame["NDCG@10"], color="#2e86ab", zorder=2)
     for _, r in frame.iterrows():
         ax.annotate(str(r["method"])[:40], (r["ORRatio@10"], r["NDCG@10"]), textcoords="offset points",
                     xytext=(4, 3), fontsize=7)
@@ -144,7 +221,11 @@ def plot_methods(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def report(path: str | Path, out: str | Path | None = None) -> Path:
+def report(path: str | Path, out: str | Path | None = None, extras: list[tuple[str, str]] = (),
+           data: str | Path | None = None, split: str | None = None, ci: str = "pm") -> Path:
+    """Write ``report.md`` / ``.png`` / ``.csv`` for a run or search folder; ``extras``: (name,
+    predictions file) rows evaluated on ``data`` (default: the dataset the run evaluated on) and
+    ``split`` (default: the run's evaluation split)."""
     path = Path(path)
     if not path.exists():
         raise RaydpoError(f"{path}: not found")
@@ -162,12 +243,31 @@ def report(path: str | Path, out: str | Path | None = None) -> Path:
         if c not in frame.columns:
             raise DataError(f"no {c} in the results (the report plots NDCG@10 against ORRatio@10)",
                             path=path / "trials.csv" if kind == "search" else path, field=c)
+    if extras:
+        own_data, ev = run_dataset(path, kind)
+        data = Path(data) if data is not None else own_data
+        if data is None or not data.exists():
+            raise RaydpoError(f"{path}: --extra needs the dataset the predictions were made on; give --data DIR")
+        split = split or (ev.get("split") if ev else None) or "test"
+        rows = [extra_row(name, file, data, split, encoder=ev.get("encoder", "minilm-onnx"),
+                          protocol=ev.get("protocol", "reference")) for name, file in extras]
+        frame = pd.concat([frame, pd.DataFrame(rows)], ignore_index=True)
     out = Path(out or path / "report.md")
     png = plot_methods(frame, out.with_suffix(".png"))
-    parts = [f"# raydpo {kind} report: {path.name}\n", markdown_table(frame), f"\n![NDCG vs ORRatio]({png.name})\n"]
+    keep = ["method"] + [c for c in ("split", "source") if c in frame.columns] + \
+        [c for c in frame.columns if "@" in c and c.split("@")[0] in COLUMNS + ["Predict_NotIn_Ratio"]]
+    write_text(out.with_suffix(".csv"), frame[keep].to_csv(index=False))
+    has_ci = any(c.endswith("_ci_low") for c in frame.columns) and ci != "off"
+    note = ("\n± : the larger half of the 95% interval (bootstrap over users; a search's trials: of the mean "
+            "over their seeds)\n" if has_ci and ci == "pm" else
+            "\n[low, high]: 95% interval (bootstrap over users)\n" if has_ci else "")
+    parts = [f"# raydpo {kind} report: {path.name}\n", markdown_table(frame, ci=ci) + note,
+             f"\n![NDCG vs ORRatio]({png.name})\n"]
     if (path / "pareto.png").exists():
         parts.append("\n## Pareto front\n\n" + read_text(path / "pareto.md") + "\n![Pareto front](pareto.png)\n")
+    if (path / "significance.md").exists():
+        parts.append("\n" + read_text(path / "significance.md"))
     write_text(out, "\n".join(parts))
-    print("\n".join(parts[:2]))
+    print("\n".join(parts[:2] + parts[3:]))
     print(f"wrote {out}")
     return out

@@ -1,7 +1,7 @@
 """The pipeline's training and sampling stages: pipeline config -> raydpo.training / raydpo.sampling.
 
 Kept apart from ``raydpo.pipeline`` (which only orders, caches and resumes stages) so that each
-side reads top to bottom.
+side reads top to bottom; ``pipeline`` imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -11,6 +11,23 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from .io import atomic_path, write_json
+
+
+def preference_sets(cfg: PipelineConfig) -> list[tuple[str, int]]:
+    """The (strategy, n_negatives) preference datasets the alignment stages need."""
+    s, a = cfg.sampling, cfg.alignment
+    if not a.stages:
+        return [(s.strategy, s.n_negatives)]
+    sets = []
+    for st in a.stages:
+        key = (st.strategy or s.strategy, st.n_negatives or s.n_negatives)
+        if key not in sets:
+            sets.append(key)
+    return sets
+
+
+def preference_file(sample_dir: Path, split: str, strategy: str, n: int) -> Path:
+    return Path(sample_dir) / split / f"{strategy}-n{n}.parquet"
 
 
 def _ray_settings(cfg: PipelineConfig, out: Path):
@@ -76,7 +93,7 @@ def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
     s = cfg.sft
     stage = SFTConfig(name="sft", data=str(dataset_dir), split="train", epochs=s.epochs,
                       learning_rate=s.learning_rate, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                      warmup_steps=s.warmup_steps, max_length=s.max_length, seed=s.seed,
+                      warmup_steps=s.warmup_steps, max_length=s.max_length, seed=s.seed, max_rows=s.max_rows,
                       lora=None if s.full_finetune else _lora(cfg))
     plan = Plan(model=model_settings(cfg),
                 dataset=str(dataset_dir), output_dir=str(out / "train"), stages=[stage], ray=_ray_settings(cfg, out))
@@ -86,7 +103,6 @@ def train_sft(cfg: PipelineConfig, dataset_dir: Path, out: Path) -> dict:
 def sample_preferences(cfg: PipelineConfig, dataset_dir: Path, candidates_dir: Path, out: Path) -> dict:
     from .data import load_dataset
     from .generation.distributed import read_candidates
-    from .pipeline import preference_file, preference_sets
     from .sampling.annotate import annotate
     from .sampling.lightgcn import LightGCN, LightGCNConfig
     from .sampling.run import sample_to_file
@@ -121,7 +137,6 @@ REFERENCE = {"adapter_disabled": "adapter_disabled", "precomputed": "precomputed
 
 
 def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Path, out: Path) -> dict:
-    from .pipeline import preference_file
     from .training.config import Plan, PreferenceConfig
     from .training.ray_train import run_plan
 
@@ -137,7 +152,7 @@ def align(cfg: PipelineConfig, dataset_dir: Path, sample_dir: Path, sft_dir: Pat
             loss=loss, beta=st.beta if st else a.beta, epochs=st.epochs if st else a.epochs,
             learning_rate=(st.learning_rate if st and st.learning_rate else a.learning_rate),
             batch_size=a.batch_size, grad_accum=a.grad_accum, warmup_steps=a.warmup_steps, max_length=a.max_length,
-            seed=a.seed,
+            seed=a.seed, max_rows=a.max_rows,
             reference=REFERENCE[a.reference], dsdpo=a.dsdpo if loss == "dsdpo" else None))
     adapter = sft_dir / "adapter"
     model = model_settings(cfg, name_or_path=str(sft_dir / "model") if (sft_dir / "model").exists()

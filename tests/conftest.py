@@ -8,6 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYDPO_SHARED", ROOT.parent / "shared"))
 GOODREADS = SHARED / "data" / "goodreads"
 ORACLE = SHARED / "oracle"
+# dtype "auto" is fp32 on every CPU in the tests (not bf16 on CPUs with AVX512-BF16/AMX), so that
+# their numbers do not depend on the machine; tests of the choice itself set it themselves
+os.environ.setdefault("RAYDPO_CPU_BF16", "0")
 
 
 def require_shared() -> None:

@@ -1559,6 +1559,74 @@ def _(env):
     return ["evaluat", "x"]
 
 
+# --- data import-candidates / import-preferences (the research code's files) ---------------------
+
+
+def _research_file(env, kind="candidates", edit=None, name="research.json") -> Path:
+    """The first train rows of the table's dataset as a research candidate or preference file."""
+    ds = load_dataset(env.data)
+    f = ds.split("train").frame.iloc[:5]
+    t = ds.catalog.titles
+    recs = []
+    for h, tgt, i in zip(f["history_titles"], f["target_title"], f["target_item_id"]):
+        inp = "The user has played the following books before: " + ", ".join(f'"{x}"' for x in h)
+        negs = [f'"{t[(int(i) + j) % len(t)]}"' for j in (1, 2)]
+        recs.append({"instruction": ds.instruction, "input": inp, "chosen": f'"{tgt}"', "rejected": negs}
+                    if kind == "candidates" else
+                    {"prompt": ds.instruction + inp, "chosen": f'"{tgt}"', "rejected": negs[0] + "\n"})
+    if edit is not None:
+        edit(recs)
+    return env.write(name, json.dumps(recs))
+
+
+def _import(env, kind="candidates", path=None, *extra):
+    path = path if path is not None else _research_file(env, kind)
+    return ["data", f"import-{kind}", "--data", str(env.data), "--train", str(path), "--out", env.out(), *extra]
+
+
+for _kind in ("candidates", "preferences"):
+    corrupt_json_cases(f"import-{_kind}", "research.json",
+                       (lambda k: lambda env: (_import(env, k), env.tmp / "research.json"))(_kind),
+                       duplicate='[{"input": "a", "input": "b"}]', top='{"input": "a"}')
+    for _cid, _fix, _msg in (
+            ("record-not-object", lambda r: r.__setitem__(1, 7), "research.json: record 1: record is a JSON number"),
+            ("missing-history", lambda r: [x.pop(k, None) for x in r[:3] for k in ("input", "prompt")],
+             "research.json: record 0, field 'input': missing field"),
+            ("missing-rejected", lambda r: r[2].pop("rejected"), "research.json: record 2, field 'rejected': missing"),
+            ("target-not-string", lambda r: r[3].__setitem__("chosen", 5),
+             "research.json: record 3, field 'chosen': expected a string, got a JSON number"),
+            ("unknown-target", lambda r: r[4].__setitem__("chosen", '"No Such Book"'),
+             "research.json: record 4, field 'chosen': no train row of the dataset has the target")):
+        CASES.append(pytest.param(
+            (lambda k, e: lambda env: _import(env, k, _research_file(env, k, e)))(_kind, _fix), (_msg,),
+            id=f"import-{_kind}-{_cid}"))
+    CASES.append(pytest.param((lambda k: lambda env: _import(env, k, _research_file(env, k), "--unknown", "some"))(
+        _kind), (f"import-{_kind}: argument --unknown: invalid choice: 'some'",), id=f"import-{_kind}-unknown-choice"))
+    CASES.append(pytest.param((lambda k: lambda env: _import(env, k, env.tmp / "nope.json"))(_kind),
+                              ("nope.json: file not found",), id=f"import-{_kind}-file-missing"))
+    CASES.append(pytest.param((lambda k: lambda env: _import(env, k)[:-2] + ["--out", str(env.folder("mine"))])(_kind),
+                              ("was not written by raydpo",), id=f"import-{_kind}-foreign-out"))
+
+
+@case("import-candidates-rejected-not-a-list",
+      "research.json: record 0, field 'rejected': expected a list of candidate strings, got a JSON string")
+def _(env):
+    return _import(env, "candidates", _research_file(env, edit=lambda r: r[0].__setitem__("rejected", '"A"')))
+
+
+@case("import-candidates-history-not-matching", "research.json: record 1, field 'input': no train row with the target")
+def _(env):
+    def edit(r):
+        r[1]["input"] = r[0]["input"]
+    return _import(env, "candidates", _research_file(env, edit=edit))
+
+
+@case("import-preferences-rejected-element", "research.json: record 2, field 'rejected': element 0 is a JSON null")
+def _(env):
+    return _import(env, "preferences", _research_file(env, "preferences",
+                                                      edit=lambda r: r[2].__setitem__("rejected", [None])))
+
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
@@ -1628,8 +1696,14 @@ def no_expensive_work(monkeypatch):
         return f
 
     monkeypatch.setattr(LightGCN, "fit", classmethod(refuse("LightGCN training")))
+    import sys
+
     for name in ("load_model", "load_tokenizer", "build_tiny_model", "smollm2_135m_path"):
-        monkeypatch.setattr(models, name, refuse(f"models.{name}"))
+        # the package and every module of it that holds the name (hub.resolve_model_path calls
+        # its own build_tiny_model, loading.load_model its own resolve_model_path, ...)
+        for mod in [models] + [m for k, m in list(sys.modules.items()) if k.startswith("raydpo.models.")]:
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse(f"models.{name}"))
     try:
         import ray
 

@@ -131,3 +131,11 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert (search / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (search / "pareto.md").exists() and (search / "report.md").exists()
     assert "NDCG@10" in r.stdout
+    # intervals, and which strategies differ significantly from selfplay on the 400 validation users
+    assert trials["NDCG@10_ci_low"].notna().all() and (trials["NDCG@10_ci_low"] <= trials["NDCG@10"]).all()
+    sig = pd.read_csv(search / "significance.csv")
+    against = sig[sig["family"] == "baselines"]
+    assert set(against["versus"]) == {"selfplay"}
+    assert set(against["trial"]) == {"clusterout_low", "clusterin_high", "random"}
+    report = (search / "report.md").read_text()
+    assert "400 valid users" in report and "vs **selfplay**" in report and "±" in report

@@ -104,7 +104,7 @@ def test_tiny_cache_reuses_folder_and_weights(tiny, catalog, monkeypatch, tmp_pa
     def no_rebuild(*a, **k):
         raise AssertionError("the cached tiny model was rebuilt")
 
-    monkeypatch.setattr(models, "_build_tiny", no_rebuild)
+    monkeypatch.setattr(models.tiny, "_build_tiny", no_rebuild)
     t0 = time.perf_counter()
     assert models.build_tiny_model(catalog) == path
     assert time.perf_counter() - t0 < 1.0
@@ -144,7 +144,7 @@ def test_load_model_tiny_defaults(tiny, catalog):
     assert m.training
     m16, _ = models.load_model("tiny", catalog=catalog, dtype="bf16", device="cpu")
     assert m16.dtype == torch.bfloat16
-    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype("auto", "cpu") == torch.float32  # conftest: RAYDPO_CPU_BF16=0
     with pytest.raises(RaydpoError, match="needs the catalog"):
         models.load_model("tiny")
     with pytest.raises(RaydpoError, match="dtype 'float8'"):
@@ -333,7 +333,7 @@ def test_smollm2_converts_once_and_matches_gguf(monkeypatch):
     assert path == models.models_dir() / "smollm2-135m-instruct" and (path / models.MARKER).is_file()
     assert not list(path.parent.glob(".smollm2-135m-instruct.tmp-*"))
     # converted once: a second call reuses the folder without touching the GGUF
-    monkeypatch.setattr(models, "load_smollm2_gguf", lambda: (_ for _ in ()).throw(AssertionError("reconverted")))
+    monkeypatch.setattr(models.smollm2, "load_smollm2_gguf", lambda: (_ for _ in ()).throw(AssertionError("reconverted")))
     assert models.smollm2_135m_path() == path
     t0 = time.perf_counter()
     model, tok = models.load_model("smollm2-135m", device="cpu")

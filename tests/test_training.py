@@ -248,6 +248,33 @@ def test_sdpo_k1_equals_trl_dpo_loss_and_gradients(tdata, tmp_path):
         assert ga[n] is not None and torch.allclose(ga[n], gb[n], rtol=1e-3, atol=1e-7), n
     for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         assert t_sdpo._metrics["train"][key][-1] == pytest.approx(t_dpo._metrics["train"][key][-1], abs=1e-4), key
+    # logged: rewards/pair_accuracy per (example, negative) pair and rewards/accuracies = the chosen
+    # beats every negative, the same number with one negative; TRL's per-pair key is renamed
+    for t in (t_dpo, t_sdpo):
+        t.log({})
+        logged = t.state.log_history[-1]
+        assert logged["rewards/accuracies"] == pytest.approx(logged["rewards/pair_accuracy"], abs=1e-6)
+        assert not [k for k in logged if "accuracies_" in k]
+
+
+def test_pair_accuracy_and_all_negatives_accuracy_hand_computed():
+    """Two examples: the first beats both its negatives, the second one of two (a third slot
+    masked): 3 of 4 pairs won, 1 of 2 examples beat every negative."""
+    from raydpo.training.common import summarize_logs
+    from raydpo.training.losses import preference_stats
+
+    zeros = torch.zeros(2)
+    chosen = torch.tensor([1.0, 1.0])
+    rejected = torch.tensor([[0.0, 0.5, 9.0], [2.0, 0.0, 9.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    stats = preference_stats(chosen, rejected, zeros, torch.zeros(2, 3), mask, beta=1.0)
+    assert stats["rewards/pair_accuracy"].item() == pytest.approx(0.75)
+    assert stats["rewards/accuracies"].item() == pytest.approx(0.5)
+    assert "rewards/accuracies_all" not in stats
+    logged = summarize_logs([{"rewards/accuracies": 0.5, "rewards/pair_accuracy": 0.75,
+                              "eval_rewards/accuracies": 0.25, "eval_rewards/pair_accuracy": 0.5}])
+    assert logged == {"reward_accuracy": 0.5, "reward_pair_accuracy": 0.75, "eval_reward_accuracy": 0.25,
+                      "eval_reward_pair_accuracy": 0.5}
 
 
 def test_precomputed_reference_equals_on_the_fly(tdata, tmp_path):
@@ -441,6 +468,9 @@ def test_in_process_sft_dpo_sdpo_plan(tdata, tmp_path):
     assert [m["epoch"] for m in dpo_m] == [1.0, 2.0, 3.0]
     assert dpo_m[-1]["loss"] < dpo_m[0]["loss"]
     assert dpo_m[-1]["reward_margin"] > 0 and 0 <= dpo_m[-1]["reward_accuracy"] <= 1
+    assert dpo_m[-1]["reward_accuracy"] == dpo_m[-1]["reward_pair_accuracy"]  # one negative a row
+    sdpo_m = res.stage_metrics("sdpo")[-1]
+    assert 0 <= sdpo_m["reward_accuracy"] <= 1 and 0 <= sdpo_m["reward_pair_accuracy"] <= 1
     assert all(math.isfinite(m["loss"]) for m in res.metrics)
     sft_a = adapter_tensors(Path(res.stages["sft"]) / "adapter")
     dpo_a = adapter_tensors(Path(res.stages["dpo"]) / "adapter")

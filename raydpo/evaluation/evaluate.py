@@ -101,14 +101,18 @@ class Predictions:
                 pos = j + len(title) + 2
 
 
-def _history_mass_from_prompts(prompts: Sequence[str], catalog: Catalog, weights: np.ndarray) -> np.ndarray:
-    counts = np.zeros(len(catalog), dtype=np.float64)
+def _history_ids_from_prompts(prompts: Sequence[str], catalog: Catalog) -> list[np.ndarray]:
+    """Per row, the catalog ids of the titles quoted in its prompt (the reference's gh source)."""
+    out = []
     for p in prompts:
-        for t in _QUOTED.findall(p):
-            i = catalog.id_of(t)
-            if i != UNKNOWN_ITEM:
-                counts[i] += 1
-    return counts @ weights
+        ids = [catalog.id_of(t) for t in _QUOTED.findall(p)]
+        out.append(np.asarray([i for i in ids if i != UNKNOWN_ITEM], dtype=np.int64))
+    return out
+
+
+def _history_mass(rows: Sequence[np.ndarray], n_items: int, weights: np.ndarray) -> np.ndarray:
+    flat = np.concatenate(rows) if len(rows) else np.zeros(0, dtype=np.int64)
+    return np.bincount(flat, minlength=n_items).astype(np.float64) @ weights
 
 
 def evaluate(
@@ -120,8 +124,13 @@ def evaluate(
     split: str = "test",
     check: bool = True,
     progress: bool = False,
-) -> dict[int, dict[str, float]]:
-    """Metrics of ``predictions`` on ``split`` at each k (see :mod:`raydpo.evaluation.metrics`)."""
+    per_user: bool = False,
+):
+    """Metrics of ``predictions`` on ``split`` at each k (see :mod:`raydpo.evaluation.metrics`).
+
+    With ``per_user=True`` returns ``(metrics, PerUser)``: the per-row results every metric can be
+    recomputed from on any subset of users (:mod:`raydpo.evaluation.stats`).
+    """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise DataError(f"k must be positive integers, got {ks}", field="k")
@@ -151,17 +160,30 @@ def evaluate(
     ranks = torch.cat(rank_parts)
 
     weights = catalog.fairness_weights
-    gh_all = _history_mass_from_prompts(predictions.prompts, catalog, weights)
+    prompt_ids = _history_ids_from_prompts(predictions.prompts, catalog)
+    gh_all = _history_mass(prompt_ids, len(catalog), weights)
     valid_rows = (targets >= 0).numpy()
     hist = dataset.split(split).history_matrix() if check else None
     gh_valid = None
+    split_ids: list[np.ndarray] | None = None
     if hist is not None:
-        h = hist[valid_rows]
-        gh_valid = np.bincount(h[h >= 0], minlength=len(catalog)).astype(np.float64) @ weights
-    return compute_metrics(
+        split_ids = [h[h >= 0].astype(np.int64) for h in hist]
+        gh_valid = _history_mass([split_ids[i] for i in np.flatnonzero(valid_rows)], len(catalog), weights)
+    results = compute_metrics(
         topk, ranks, targets, torch.from_numpy(weights), torch.from_numpy(gh_all), not_in, ks, protocol,
         history_genre_mass_valid=torch.from_numpy(gh_valid) if gh_valid is not None else None,
     )
+    if not per_user:
+        return results
+    from .stats import PerUser
+
+    reference = protocol.denominator == "all"
+    table = PerUser(np.arange(len(texts)), targets.numpy(), topk.numpy(), ranks.numpy(), not_in.numpy(),
+                    prompt_ids if reference or split_ids is None else split_ids, weights, tuple(ks),
+                    "reference" if reference else "valid_only",
+                    {"dataset": dataset.name, "split": split, "source": predictions.path,
+                     "encoder": getattr(encoder, "identity", None)})
+    return results, table
 
 
 def to_json(results: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -191,10 +213,15 @@ def evaluate_file(
     protocol: str = "reference",
     split: str = "test",
     progress: bool = True,
+    per_user_out: str | Path | None = None,
 ) -> dict[int, dict[str, float]]:
     dataset = load_dataset(data_dir)
     preds = Predictions.read(predictions_path)
-    results = evaluate(preds, dataset, ks, encoder=encoder, protocol=protocol, split=split, progress=progress)
+    results = evaluate(preds, dataset, ks, encoder=encoder, protocol=protocol, split=split, progress=progress,
+                       per_user=per_user_out is not None)
+    if per_user_out is not None:
+        results, table = results
+        table.write(per_user_out)
     if json_out:
         write_json(json_out, to_json(results))
     return results

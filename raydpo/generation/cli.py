@@ -14,11 +14,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (resumable: finished shards are reused)")
     p.add_argument("--model", default="tiny", help="tiny | smollm2-135m | hub id | local folder (default: tiny)")
     p.add_argument("--adapter", help="LoRA adapter folder")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on GPU and on CPUs with AVX512-BF16/AMX-BF16, else fp32) | float32 | bfloat16 | float16")
     p.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"],
                    help="load the base quantised with bitsandbytes (nf4: the QLoRA recipe; needs raydpo[quant])")
     p.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="dtype of the nf4 matmuls (auto: bf16 on GPU, fp32 on CPU)")
+                   help="dtype of the nf4 matmuls (auto: as --dtype auto)")
     p.add_argument("--actors", type=int_at_least(1), default=1, help="Ray Data actors, one model each (default 1)")
     p.add_argument("--gpus-per-actor", type=number_above(0, inclusive=True), default=0.0)
     p.add_argument("--cpus-per-actor", type=number_above(0), default=None,
@@ -70,7 +71,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
                                        "half"):
         raise RaydpoError(f"--dtype: expected auto, float32, bfloat16 or float16, got {args.dtype!r}")
     if args.quantization != "none":
-        from ..quantization import require_bitsandbytes
+        from ..models.quantization import require_bitsandbytes
 
         require_bitsandbytes(args.quantization)
     load_dataset(args.data)  # every data file is checked here, naming the file and the record

@@ -7,7 +7,13 @@ penalty and early-stopping heuristic), so it returns exactly the beams of
 groups it is diverse beam search (Vijayakumar et al.): the beams are split into G groups that
 advance one after another at each step, and a token already chosen at this step by an earlier
 group is penalised by ``diversity_penalty`` per use (the Hamming penalty), which transformers 5
-no longer ships. Final hypotheses of all groups are ranked together by score.
+no longer ships. With G > 1 it follows transformers 4's ``_group_beam_search`` step for step (the
+research code's candidates came from it; ``tests/test_group_beam_fixtures.py`` checks sequences
+and scores against outputs recorded with transformers 4.56.2): a group is done when it holds
+``num_beams / G`` finished hypotheses and the best candidate of the step (finished or not,
+penalised) cannot beat the worst of them; a done group's beams count as ``pad_token_id`` in the
+later groups' penalty; at the length limit the running beams of groups not done are added as
+hypotheses; final hypotheses of all groups are ranked together by score, ties to the later group.
 
 The constraint is the compiled :class:`~raydpo.generation.trie.TitleTrie`: each beam carries a
 trie state, the allowed-token mask of all beams comes from a few batched tensor operations per
@@ -117,6 +123,7 @@ def beam_search(
     gofs = (torch.arange(g, device=dev) * gs).view(1, g, 1)
     n_prompts, act = b, torch.arange(b, device=dev)  # prompts still searching (they shrink the batch)
     out_fin = _Finished(fin_seq, fin_score, fin_raw, fin_valid, fin_done)
+    grouped = g > 1  # transformers 4's group beam search (BeamSearchScorer), else transformers 5's beam search
 
     if shared_attention is None:
         shared_attention = shared_prefill and supports_shared_prompt(model)
@@ -145,7 +152,7 @@ def beam_search(
             vocab = logits.shape[-1]
             if trie is not None:
                 cands = _SparseCandidates(logits, trie, run_state.view(-1), rows, ex, eos, b, g, gs, keep,
-                                          run_score, run_raw)
+                                          run_score, run_raw, dense_fill=grouped)
             else:
                 cands = _DenseCandidates(logits, b, g, gs, keep, run_score, run_raw)
             hits_all = []
@@ -155,21 +162,32 @@ def beam_search(
             new_raw = torch.empty((b, g, gs), device=dev)
             # tokens chosen at this step by earlier groups (the Hamming penalty): diverse search only
             used = torch.zeros((b, vocab), device=dev) if g > 1 and diversity_penalty else None
+            last = t + 1 >= max_new_tokens
+            done_before = ~unsatisfied  # groups done at an earlier step
             for gi in range(g):
                 top_lp, tok, src, raw = cands.top(gi, used if gi else None, diversity_penalty)
-                hits = (tok == eos) | (t + 1 >= max_new_tokens)
+                # one group: at the length limit every top candidate is a hypothesis (transformers 5);
+                # groups: only EOS here, the running beams are added after the done check (transformers 4)
+                hits = (tok == eos) | (last and not grouped)
                 hits_all.append(hits)
                 # running beams for the next step: the best non-finished continuations
-                nxt = torch.topk(top_lp + hits.float() * NEG, gs).indices
+                if grouped:  # BeamSearchScorer.process: the first gs non-EOS candidates in rank order
+                    nxt = torch.sort(hits.to(torch.uint8), dim=1, stable=True).indices[:, :gs]
+                else:
+                    nxt = torch.topk(top_lp + hits.float() * NEG, gs).indices
                 new_tok[:, gi] = tok.gather(1, nxt)
                 new_src[:, gi] = src.gather(1, nxt)
                 new_score[:, gi] = (top_lp + hits.float() * NEG).gather(1, nxt)
                 new_raw[:, gi] = raw.gather(1, nxt)
                 if used is not None:
-                    used.scatter_add_(1, new_tok[:, gi], torch.ones((b, gs), device=dev))
+                    # transformers 4 pads a done group's beams: later groups see pad_token_id
+                    done_g = done_before[:, gi, None]
+                    seen = torch.where(done_g, torch.full_like(new_tok[:, gi], pad), new_tok[:, gi])
+                    weight = (done_g | ~hits.gather(1, nxt)).float()
+                    used.scatter_add_(1, seen, weight)
                 # finished hypotheses: merge the newly finished top-gs candidates
                 just = hits & top_mask[None, :]
-                cand = top_lp / ((t + 1) ** length_penalty)
+                cand = _normalise(top_lp, t + 1, length_penalty, grouped)
                 cand = cand + (~unsatisfied[:, gi, None]).float() * NEG + (~just).float() * NEG
                 cand_seq = run_seq.view(b, g, gs, -1)[:, gi].gather(
                     1, src[:, :, None].expand(-1, -1, max_new_tokens)).clone()
@@ -187,6 +205,16 @@ def beam_search(
                 fin_raw[:, gi] = m_raw.gather(1, best)
                 fin_valid[:, gi] = m_valid.gather(1, best)
                 fin_done[:, gi] = m_done.gather(1, best)
+                if grouped:
+                    # BeamHypotheses.is_done: full, and the best candidate of this step (max of the
+                    # penalised top-k, finished or not) cannot beat the worst finished hypothesis
+                    best_now = _normalise(top_lp[:, 0], t + 1, length_penalty, True)
+                    worst = fin_score[:, gi].min(dim=1).values
+                    unsatisfied[:, gi] &= ~(fin_done[:, gi].all(dim=1) & (worst >= best_now))
+                    if last:  # BeamSearchScorer.finalize: the running beams of a group not done
+                        _finalize_group(gi, unsatisfied[:, gi], new_score[:, gi], new_raw[:, gi], new_tok[:, gi],
+                                        new_src[:, gi], run_seq.view(b, g, gs, -1)[:, gi], t, length_penalty,
+                                        fin_seq, fin_score, fin_raw, fin_valid, fin_done)
             # reorder beams: global source index of each new running beam
             src_flat = (new_src + gofs).view(b, nb)
             beam_idx = (src_flat + torch.arange(b, device=dev)[:, None] * nb).view(-1)
@@ -198,9 +226,11 @@ def beam_search(
             if trie is not None:
                 run_state = trie.step(run_state.gather(1, src_flat).view(-1), tok_flat.view(-1)).view(b, nb)
             cur = t + 1
-            best_run = run_score.view(b, g, gs)[:, :, :1] / (cur ** length_penalty)
-            worst = torch.where(fin_done, fin_score.min(dim=2, keepdim=True).values, torch.full_like(fin_score, NEG))
-            unsatisfied = unsatisfied & (best_run > worst).any(dim=2)
+            if not grouped:  # transformers 5: the best running beam against the worst finished one
+                best_run = run_score.view(b, g, gs)[:, :, :1] / (cur ** length_penalty)
+                worst = torch.where(fin_done, fin_score.min(dim=2, keepdim=True).values,
+                                    torch.full_like(fin_score, NEG))
+                unsatisfied = unsatisfied & (best_run > worst).any(dim=2)
             all_hit = torch.stack(hits_all, 1).all()
             if not bool(unsatisfied.any()) or bool(all_hit) or cur >= max_new_tokens:
                 break
@@ -243,13 +273,45 @@ def beam_search(
     fin_seq, fin_score, fin_raw, fin_valid, fin_done = out_fin.tensors
     b = n_prompts
     score = fin_score.view(b, nb)
-    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
+    if grouped:  # transformers 4: sorted(all groups' hypotheses).pop(), so ties go to the later group
+        order = nb - 1 - torch.sort(score.flip(1), dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
+    else:
+        order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
     seqs = fin_seq.view(b, nb, max_new_tokens).gather(1, order[:, :, None].expand(-1, -1, max_new_tokens))
     seqs = _pad_after_eos(seqs, eos, pad)
     items = _items(trie, seqs) if trie is not None else torch.full(order.shape, -1, dtype=torch.long)
     valid = fin_valid.view(b, nb).gather(1, order) & fin_done.view(b, nb).gather(1, order)
     items = torch.where(valid, items, torch.full_like(items, -1))
     return BeamOutput(seqs, score.gather(1, order), fin_raw.view(b, nb).gather(1, order), items)
+
+
+def _normalise(score: torch.Tensor, length: int, length_penalty: float, as_python: bool) -> torch.Tensor:
+    """``score / length ** length_penalty``; ``as_python``: in float64, as transformers 4's
+    ``BeamHypotheses`` divides Python floats (the result is stored in float32 all the same)."""
+    if as_python:
+        return (score.double() / (length ** length_penalty)).float()
+    return score / (length ** length_penalty)
+
+
+def _finalize_group(gi, open_, score, raw, tok, src, seq, t, length_penalty, fin_seq, fin_score, fin_raw, fin_valid,
+                    fin_done) -> None:
+    """Merge group ``gi``'s running beams (``[b, gs]``, score-sorted) into its finished hypotheses
+    for the prompts where the group is still ``open_`` (transformers 4's ``finalize``)."""
+    length = seq.shape[-1]
+    cand = _normalise(score, t + 1, length_penalty, True) + (~open_[:, None]).float() * NEG
+    cand_seq = seq.gather(1, src[:, :, None].expand(-1, -1, length)).clone()
+    cand_seq[:, :, t] = tok
+    m_score = torch.cat([fin_score[:, gi], cand], 1)
+    m_seq = torch.cat([fin_seq[:, gi], cand_seq], 1)
+    m_raw = torch.cat([fin_raw[:, gi], raw], 1)
+    m_valid = torch.cat([fin_valid[:, gi], score > NEG / 2], 1)
+    m_done = torch.cat([fin_done[:, gi], open_[:, None].expand_as(score)], 1)
+    best = torch.topk(m_score, fin_score.shape[2]).indices
+    fin_score[:, gi] = m_score.gather(1, best)
+    fin_seq[:, gi] = m_seq.gather(1, best[:, :, None].expand(-1, -1, length))
+    fin_raw[:, gi] = m_raw.gather(1, best)
+    fin_valid[:, gi] = m_valid.gather(1, best)
+    fin_done[:, gi] = m_done.gather(1, best)
 
 
 def _bypassed(model, cache: SharedPromptCache) -> RuntimeError:
@@ -299,32 +361,67 @@ class _SparseCandidates:
     dense ``[beams * vocab]`` layout, padded with ``-inf`` to at least ``keep`` entries.
     """
 
-    def __init__(self, logits, trie, states, rows, ex, eos, b, g, gs, keep, run_score, run_raw) -> None:
+    def __init__(self, logits, trie, states, rows, ex, eos, b, g, gs, keep, run_score, run_raw,
+                 dense_fill: bool = False) -> None:
         dev = logits.device
         e_beam, e_tok = trie.allowed_edges(states, logits.shape[-1], rows=rows, exclusions=ex, done_token_id=eos)
-        e_lp = logits[e_beam, e_tok] - torch.logsumexp(logits, dim=-1)[e_beam]
+        # log_softmax over the vocabulary, as transformers (logits - logsumexp can differ in the last bit)
+        e_lp = torch.log_softmax(logits, dim=-1)[e_beam, e_tok]
         pg = e_beam // gs  # (prompt, group) of each edge: beams are prompt-major, then group
         counts = torch.bincount(pg, minlength=b * g)
         slot = torch.arange(len(pg), device=dev) - (counts.cumsum(0) - counts)[pg]
         width = max(int(counts.max()) if len(counts) else 0, keep)
-        self.score = torch.full((b * g, width), float("-inf"), device=dev)
-        self.score[pg, slot] = e_lp + run_score.view(-1)[e_beam]
+        self.lp = torch.full((b * g, width), float("-inf"), device=dev)
+        self.lp[pg, slot] = e_lp
+        self.base = torch.full((b * g, width), float("-inf"), device=dev)
+        self.base[pg, slot] = run_score.view(-1)[e_beam]
         self.raw = torch.full((b * g, width), float("-inf"), device=dev)
         self.raw[pg, slot] = e_lp + run_raw.view(-1)[e_beam]
         self.tok = torch.full((b * g, width), eos, dtype=torch.long, device=dev)
         self.tok[pg, slot] = e_tok
         self.src = torch.zeros((b * g, width), dtype=torch.long, device=dev)
         self.src[pg, slot] = e_beam % gs
-        self.b, self.g, self.keep = b, g, keep
-        for name in ("score", "raw", "tok", "src"):
+        self.b, self.g, self.gs, self.keep = b, g, gs, keep
+        for name in ("lp", "base", "raw", "tok", "src"):
             setattr(self, name, getattr(self, name).view(b, g, width))
+        self.dense_fill = dense_fill
+        if dense_fill:
+            self.logits, self.trie, self.states, self.rows, self.ex, self.eos = logits, trie, states, rows, ex, eos
+            self.run_score, self.run_raw = run_score.view(-1), run_raw.view(-1)
 
     def top(self, gi: int, used: torch.Tensor | None, penalty: float):
-        acc = self.score[:, gi]
-        if used is not None:
-            acc = acc - penalty * used.gather(1, self.tok[:, gi])
+        lp = self.lp[:, gi]
+        if used is not None:  # transformers 4's order: (log-prob - penalty) + beam score
+            lp = lp - penalty * used.gather(1, self.tok[:, gi])
+        acc = lp + self.base[:, gi]
         top_lp, pos = torch.topk(acc, self.keep)
-        return top_lp, self.tok[:, gi].gather(1, pos), self.src[:, gi].gather(1, pos), self.raw[:, gi].gather(1, pos)
+        out = [top_lp, self.tok[:, gi].gather(1, pos), self.src[:, gi].gather(1, pos), self.raw[:, gi].gather(1, pos)]
+        if self.dense_fill:
+            short = (top_lp[:, -1] == float("-inf")).nonzero().squeeze(1)
+            if len(short):
+                for o, d in zip(out, self._dense_top(short, gi, used, penalty)):
+                    o[short] = d
+        return tuple(out)
+
+    def _dense_top(self, prompts: torch.Tensor, gi: int, used: torch.Tensor | None, penalty: float):
+        """Top ``keep`` of group ``gi`` over the masked vocabulary (``-inf`` where disallowed), as
+        transformers 4 computes it, for prompts with fewer than ``keep`` allowed continuations:
+        its top-k then also returns disallowed tokens at ``-inf`` (which ones is decided by
+        ``torch.topk`` among equal values), and these become running beams whose tokens count
+        in later groups' diversity penalty. Only these rows pay for the vocabulary."""
+        gs, vocab = self.gs, self.logits.shape[-1]
+        beams = ((prompts * self.g + gi)[:, None] * gs + torch.arange(gs, device=prompts.device)).view(-1)
+        logp = torch.log_softmax(self.logits[beams], dim=-1)
+        allowed = self.trie.allowed_mask(self.states[beams], vocab, rows=self.rows[beams], exclusions=self.ex,
+                                         done_token_id=self.eos)
+        scores = logp.masked_fill(~allowed, float("-inf"))
+        if used is not None:
+            scores = scores - penalty * used[prompts].repeat_interleave(gs, dim=0)
+        scores = (scores + self.run_score[beams][:, None]).view(len(prompts), gs * vocab)
+        top_lp, idx = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True)
+        src, tok = idx // vocab, idx % vocab
+        raw = logp.view(len(prompts), gs * vocab).gather(1, idx) + self.run_raw[beams].view(len(prompts), gs).gather(1, src)
+        return top_lp, tok, src, raw
 
 
 def _pad_after_eos(seqs: torch.Tensor, eos: int, pad: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ Task = Literal["candidates", "predictions"]
 class ModelSpec:
     """Which model decodes: a preset (``tiny``, ``smollm2-135m``), a hub id or a local folder,
     optionally with a LoRA adapter; ``quantization`` ``nf4`` / ``int8`` loads the base quantised
-    (:mod:`raydpo.quantization`)."""
+    (:mod:`raydpo.models.quantization`)."""
 
     name_or_path: str = "tiny"
     adapter: str | None = None

@@ -11,7 +11,10 @@ target or a history item (counted, order kept, method.md 3.5) and stable-dedupli
 * ``candidate_exposure`` / ``candidate_exposure_rank``: the item's exposure count and rank in the
   configured scope (``raydpo.data.stats.exposure``). Default ``split_histories``, the reference:
   history slots of the split the sample belongs to (train candidates use train exposure, valid
-  candidates valid exposure). ``train_interactions``: one global table of train interactions.
+  candidates valid exposure). ``candidates``, the research code's scope: the history slots of the
+  *annotated records* of that split only (it counted over the candidate file it annotated; the two
+  differ when the candidates cover part of a split). ``train_interactions``: one global table of
+  train interactions. ``split`` is an alias of ``split_histories``.
 * ``candidate_overlap``: ``|genres(item) ∩ interest cluster|`` (distinct labels), where the interest
   cluster is the sample's top-``cluster_k`` history genres (``raydpo.data.stats.interest_clusters``,
   optionally without ``ignore_genres`` / genres above ``ignore_genres_above`` of the catalog);
@@ -38,16 +41,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..data.schema import Catalog, Dataset, Samples
-from ..data.stats import ExposureScope, cluster_genres, exposure, interest_clusters
+from ..data.stats import Exposure, _count_sequence, _ranks_from_counts, cluster_genres, exposure, interest_clusters
 from ..errors import DataError
 from .context import SamplingState, cluster_masks, list_array, list_parts
 
 OPTIONAL_FLOAT_COLUMNS = ("candidate_logprobs", "candidate_scores", "candidate_ref_logprobs")
+EXPOSURE_SCOPES = ("split_histories", "candidates", "train_interactions")
+AnnotationScope = Literal["split_histories", "split", "candidates", "train_interactions"]
 
 
 @dataclass(frozen=True)
 class AnnotationConfig:
-    exposure_scope: ExposureScope = "split_histories"
+    exposure_scope: AnnotationScope = "split_histories"
     cluster_k: int = 3
     ignore_genres: tuple[str, ...] = ()
     ignore_genres_above: float | None = None
@@ -55,9 +60,11 @@ class AnnotationConfig:
     check_titles: bool = True
 
     def __post_init__(self) -> None:
-        if self.exposure_scope not in ("split_histories", "train_interactions"):
-            raise DataError(f"unknown exposure scope {self.exposure_scope!r}; expected split_histories or "
-                            "train_interactions", field="exposure_scope")
+        if self.exposure_scope == "split":
+            object.__setattr__(self, "exposure_scope", "split_histories")
+        if self.exposure_scope not in EXPOSURE_SCOPES:
+            raise DataError(f"unknown exposure scope {self.exposure_scope!r}; expected one of "
+                            f"{', '.join(EXPOSURE_SCOPES)}", field="exposure_scope")
         if self.on_unknown_item not in ("error", "drop"):
             raise DataError(f"on_unknown_item must be 'error' or 'drop', got {self.on_unknown_item!r}",
                             field="on_unknown_item")
@@ -304,9 +311,12 @@ def _annotate(dataset: Dataset, candidates, cfg: AnnotationConfig) -> Annotated:
     new_len = np.bincount(rk, minlength=S).astype(np.int64)
 
     # ---- exposure --------------------------------------------------------------------------------
-    if cfg.exposure_scope == "split_histories":
+    if cfg.exposure_scope in ("split_histories", "candidates"):
         names = tuple(s for s in ("train", "valid", "test") if (split == s).any())
-        tables = [exposure(catalog, dataset.samples, scope="split_histories", split=s) for s in names]
+        if cfg.exposure_scope == "split_histories":
+            tables = [exposure(catalog, dataset.samples, scope="split_histories", split=s) for s in names]
+        else:
+            tables = [_record_exposure(hist, split == s, n_items) for s in names]
         code = {s: i for i, s in enumerate(names)}
         exp_table = pd.Series(split, dtype=object).map(code).to_numpy(dtype=np.int64)
     else:
@@ -375,6 +385,16 @@ def _annotate(dataset: Dataset, candidates, cfg: AnnotationConfig) -> Annotated:
     }
     return Annotated(table=out, config=cfg, exposure_tables=names, exposure_counts=counts_tab,
                      exposure_ranks=ranks_tab, counts=counts)
+
+
+def _record_exposure(hist: np.ndarray, rows: np.ndarray, n_items: int) -> Exposure:
+    """Exposure over the history slots of the annotated records ``rows`` (``hist``: ``[S, H]``
+    padded with -1), in record order: the research code's ``build_exposure_count`` over the
+    candidate file it annotates (method.md section 4)."""
+    h = hist[rows]
+    flat = h[h >= 0]  # row-major: records in order, each history oldest first
+    counts, first = _count_sequence(flat, n_items)
+    return Exposure(counts=counts, ranks=_ranks_from_counts(counts, first), scope="candidates")
 
 
 def _duplicates(flat: np.ndarray, keep: np.ndarray, rows: np.ndarray, lengths: np.ndarray, n_items: int) -> np.ndarray:

@@ -101,7 +101,12 @@ def add_sampling_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ray", action="store_true", help="select in a Ray Data map (large candidate sets)")
     p.add_argument("--num-cpus", type=number_above(0), default=0.5, help="CPUs per Ray task (fractional)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16384, help="records per vectorised chunk")
-    p.add_argument("--exposure-scope", choices=["split_histories", "train_interactions"], default="split_histories")
+    p.add_argument("--exposure-scope", choices=["split_histories", "split", "candidates", "train_interactions"],
+                   default="split_histories",
+                   help="what item exposure counts: split_histories (alias split; default) the history slots of "
+                        "the whole split of each record; candidates the history slots of the candidate records of "
+                        "that split only, as the research code counted over the file it annotated (differs when "
+                        "the candidates cover part of a split); train_interactions the distinct train interactions")
     p.add_argument("--cluster-k", type=int_at_least(1), default=3)
     p.add_argument("--ignore-genres", nargs="*", default=[], help="genres never part of an interest cluster")
     p.add_argument("--ignore-genres-above", type=share, default=None,

@@ -18,7 +18,7 @@ Quick start::
 Modules: :mod:`.config` (typed settings), :mod:`.losses` (pure loss functions),
 :mod:`.data` (tokenising the raydpo way, collators), :mod:`.sft`, :mod:`.dpo`, :mod:`.sdpo`,
 :mod:`.dsdpo`, :mod:`.reference`, :mod:`.deepspeed`, :mod:`.ray_train` (running a plan),
-:mod:`.curriculum`, :mod:`.sprec`, :mod:`.cli`.
+:mod:`.curriculum`, :mod:`.selfplay`, :mod:`.sprec`, :mod:`.cli`.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ FAIL_DELAY_S = 5.0
 # names of the metrics reported each epoch (TRL's log keys -> ours)
 _METRIC_NAMES = {
     "loss": "loss",
-    "rewards/accuracies": "reward_accuracy",
+    "rewards/accuracies": "reward_accuracy",  # chosen beats every negative (the research code's metric)
+    "rewards/pair_accuracy": "reward_pair_accuracy",  # share of (example, negative) pairs won
     "rewards/margins": "reward_margin",
     "rewards/chosen": "reward_chosen",
     "rewards/rejected": "reward_rejected",
-    "rewards/accuracies_all": "reward_accuracy_all",
     "logps/chosen": "logps_chosen",
     "logps/rejected": "logps_rejected",
     "grad_norm": "grad_norm",
@@ -133,7 +133,7 @@ def load_policy(start: ModelState, *, lora, dtype: str, ctx: WorkerContext, seed
     from transformers import set_seed
 
     from ..models import load_model
-    from ..quantization import combination_error
+    from ..models.quantization import combination_error
 
     set_seed(seed)  # the new adapter's initial weights are the same on every worker
     device = ctx.device
@@ -197,6 +197,41 @@ def release(*objs) -> None:
             torch.cuda.empty_cache()
     except Exception:  # pragma: no cover
         pass
+
+
+# --- log-probabilities of a model's responses -----------------------------------------------------
+
+
+def response_logps(model, examples: list[dict[str, Any]], *, pad_token_id: int, batch_size: int | None = None,
+                   share_prompt: bool = True, device=None) -> list[list[float]]:
+    """The summed log-probability of every response of every example (``[chosen, neg...]`` of
+    :func:`~raydpo.training.data.tokenize_frame` rows) under ``model`` as it is (a quantised base,
+    an adapter, the reference mode the caller entered): batches of ``batch_size`` examples
+    (None: one batch) packed by :class:`~raydpo.training.data.PackedCollator` (``share_prompt``:
+    each prompt once), moved to ``device`` (None: left where the collator puts them), without
+    gradients and in eval mode (the model's mode is restored). The one loop behind reference
+    pre-computation, ``add_reference_columns`` and the trained model's probe."""
+    import torch
+
+    from .data import PackedCollator, packed_logps
+
+    collate = PackedCollator(pad_token_id, share_prompt=share_prompt)
+    step = batch_size if batch_size is not None else max(1, len(examples))
+    out: list[list[float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(examples), step):
+                part = examples[s : s + step]
+                batch = collate([{"prompt_ids": ex["prompt_ids"], "responses": ex["responses"]} for ex in part])
+                if device is not None:
+                    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+                lp = packed_logps(model, batch).cpu()
+                out.extend(lp[i, : len(ex["responses"])].tolist() for i, ex in enumerate(part))
+    finally:
+        model.train(was_training)
+    return out
 
 
 # --- TrainingArguments ---------------------------------------------------------------------------
@@ -377,6 +412,7 @@ __all__ = [
     "load_policy",
     "make_report_callback",
     "release",
+    "response_logps",
     "summarize_logs",
     "training_kwargs",
 ]

@@ -40,9 +40,43 @@ TRL_LOSSES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
 OUR_LOSSES = ("sdpo", "dsdpo")
+# the research code's DS-DPO beta mapping per distance type (method.md 6.3)
+DEFAULT_DSDPO_MAPPING = {"dc": "linear", "dp": "linear", "dpc": "sigmoid"}
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REFERENCE_KEYWORDS = ("initial", "previous", "start", "sft", "adapter_disabled", "precomputed")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# DPOConfig fields that only some of TRL 1.16's losses read (trl/trainer/dpo_trainer.py, _compute_loss)
+TRL_LOSS_ONLY_ARGS = {
+    "label_smoothing": ("exo_pair", "robust", "aot", "aot_unpaired"),
+    "discopop_tau": ("discopop",),
+    "f_divergence_type": ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"),
+    "use_weighting": tuple(x for x in TRL_LOSSES if x not in ("aot", "aot_unpaired")),
+}
+
+
+def ignored_trl_args(loss: str, trl_args: dict[str, Any]) -> str | None:
+    """Why a ``trl_args`` setting would have no effect (or be refused by TRL) with ``loss``, as
+    one line naming the key, or None. A value equal to TRL's default is never an error."""
+    from dataclasses import MISSING, fields
+
+    from trl import DPOConfig
+
+    defaults = {f.name: (f.default if f.default is not MISSING else None) for f in fields(DPOConfig)}
+    for key, value in trl_args.items():
+        if value == defaults.get(key):
+            continue
+        if loss in OUR_LOSSES:
+            return (f"trl_args.{key}: loss {loss!r} is trained by raydpo's multi-negative trainer, which takes no "
+                    "TRL DPOConfig fields")
+        users = TRL_LOSS_ONLY_ARGS.get(key)
+        if users is not None and loss not in users:
+            return (f"trl_args.{key}: TRL's {loss!r} loss ignores it (TRL 1.16 uses it with loss "
+                    f"{', '.join(users)})")
+        if key == "f_alpha_divergence_coef" and trl_args.get("f_divergence_type") != "alpha_divergence":
+            return "trl_args.f_alpha_divergence_coef: used only with f_divergence_type: alpha_divergence"
+    return None
 
 
 class _Strict(BaseModel):
@@ -81,14 +115,14 @@ class ModelSettings(_Strict):
     @field_validator("quantization")
     @classmethod
     def _quantization(cls, v: str) -> str:
-        from ..quantization import check_quantization
+        from ..models.quantization import check_quantization
 
         return check_quantization(v)
 
     @field_validator("compute_dtype")
     @classmethod
     def _compute_dtype(cls, v: str) -> str:
-        from ..quantization import check_compute_dtype
+        from ..models.quantization import check_compute_dtype
 
         return check_compute_dtype(v)
 
@@ -153,15 +187,27 @@ class SFTConfig(_TrainStage):
 class DSDPOSettings(_Strict):
     """DS-DPO: a per-negative beta from item-embedding distances (method.md 6.3), normalised by
     the range of the *same* distance type over each example's own negatives (the reference
-    normalised dc by the dpc range)."""
+    normalised dc by the dpc range).
+
+    ``mapping`` defaults to the research code's per distance type: ``linear`` for ``dc`` and
+    ``dp``, ``sigmoid`` (temperature ``temperature``) for ``dpc``; give it to choose either."""
 
     embeddings: str = Field(..., description="[n_items, d] .npy/.pt in item-id order, or an encoder spec "
                                              "(minilm-onnx, st:NAME) to embed the catalog titles")
     distance: Literal["dc", "dp", "dpc"] = "dpc"
     beta_min: float = Field(0.01, gt=0)
     beta_max: float = Field(0.2, gt=0)
-    mapping: Literal["linear", "sigmoid"] = "sigmoid"
+    mapping: Literal["linear", "sigmoid"] = Field(
+        None, validate_default=False,
+        description="linear | sigmoid; default: the research code's (dc, dp: linear; dpc: sigmoid)")
     temperature: float = Field(0.8, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mapping(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mapping") in (None, "auto"):
+            data = {**data, "mapping": DEFAULT_DSDPO_MAPPING.get(data.get("distance", "dpc"), "sigmoid")}
+        return data
 
     @model_validator(mode="after")
     def _range(self) -> DSDPOSettings:
@@ -197,7 +243,9 @@ class PreferenceConfig(_TrainStage):
     disable_dropout: bool = True
     lora: LoraSettings = Field(default_factory=LoraSettings, description="used when the stage starts without an adapter")
     dsdpo: DSDPOSettings | None = None
-    trl_args: dict[str, Any] = Field(default_factory=dict, description="extra DPOConfig fields (label_smoothing, ...)")
+    trl_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "extra TRL DPOConfig fields for a TRL loss, e.g. label_smoothing with loss robust, exo_pair or aot; "
+        "a field the chosen loss ignores is an error"))
 
     @field_validator("beta")
     @classmethod
@@ -240,6 +288,13 @@ class PreferenceConfig(_TrainStage):
             if k in managed:
                 raise ValueError(f"trl_args: {k!r} is set by raydpo; use the stage field instead")
         return v
+
+    @model_validator(mode="after")
+    def _trl_args_used(self) -> PreferenceConfig:
+        bad = ignored_trl_args(self.loss, self.trl_args)
+        if bad:
+            raise ValueError(bad)
+        return self
 
     @model_validator(mode="after")
     def _dsdpo(self) -> PreferenceConfig:
@@ -359,7 +414,7 @@ class RayTrainSettings(_Strict):
 
 def _quantization_checks(model: ModelSettings, stages: list, ray: RayTrainSettings, where: str = "stages") -> None:
     """Combinations that cannot work with a quantised base, one line naming the key path."""
-    from ..quantization import combination_error
+    from ..models.quantization import combination_error
 
     err = combination_error(model.quantization, deepspeed=ray.deepspeed)
     for i, st in enumerate(stages):

@@ -331,29 +331,24 @@ def packed_logps(model, batch: dict[str, Any], n_examples: int | None = None):
 
 def random_preferences(dataset, split: str = "train", n_negatives: int = 1, seed: int = 0,
                        variable: bool = False, limit: int | None = None) -> pd.DataFrame:
-    """Preference rows with random catalog negatives (never the target or a history item), in
-    the :mod:`raydpo.data.preference` format. ``variable``: 1..n_negatives negatives per row."""
-    rng = np.random.default_rng(seed)
+    """Preference rows with random catalog negatives, in the :mod:`raydpo.data.preference` format:
+    the ``random`` sampling strategy (:func:`raydpo.sampling.strategies.random`: never the target
+    or a history item, no repeats, seeded by (seed, sample id)), i.e. what ``raydpo sample
+    --strategy random`` gives for the same rows and seed. ``variable``: each row keeps its first
+    1..n_negatives of them (the number drawn with ``seed``)."""
+    from ..sampling.run import sample_negatives
+
     frame = dataset.split(split).frame
     if limit is not None:
         frame = frame.iloc[:limit]
-    titles = dataset.catalog.titles
-    n = len(titles)
-    rows = []
-    for sid, hist_ids, hist, tgt_id, tgt in zip(frame["sample_id"], frame["history_item_ids"],
-                                                  frame["history_titles"], frame["target_item_id"],
-                                                  frame["target_title"]):
-        banned = {int(i) for i in hist_ids} | {int(tgt_id)}
-        k = int(rng.integers(1, n_negatives + 1)) if variable else n_negatives
-        negs: list[int] = []
-        while len(negs) < k:
-            c = int(rng.integers(0, n))
-            if c not in banned and c not in negs:
-                negs.append(c)
-        rows.append({"sample_id": str(sid), "prompt": user_message(list(hist), dataset.instruction),
-                     "chosen": response_text(tgt), "rejected": [response_text(titles[c]) for c in negs],
-                     "chosen_item_id": int(tgt_id), "rejected_item_ids": negs, "strategy": "random"})
-    return pd.DataFrame(rows)
+    no_candidates = pd.DataFrame({"sample_id": frame["sample_id"].astype(str).tolist(),
+                                  "candidate_item_ids": [[] for _ in range(len(frame))]})
+    prefs, _ = sample_negatives(dataset, no_candidates, "random", seed=seed, n_negatives=n_negatives)
+    if variable:
+        keep = np.random.default_rng(seed).integers(1, n_negatives + 1, size=len(prefs))
+        prefs["rejected"] = [list(r[:k]) for r, k in zip(prefs["rejected"], keep)]
+        prefs["rejected_item_ids"] = [list(r[:k]) for r, k in zip(prefs["rejected_item_ids"], keep)]
+    return prefs
 
 
 __all__ = [

@@ -34,6 +34,18 @@ def _trainer_class():
                 return dataset  # tokenised by raydpo (lengths already checked against max_length)
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
+        one_pair_per_example = True  # False when a row's several negatives became several pairs
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # TRL's rewards/accuracies is per pair: log it as rewards/pair_accuracy, and as
+            # rewards/accuracies (chosen beats every negative) only where the two are the same
+            for metrics in self._metrics.values():
+                if "rewards/accuracies" in metrics:
+                    metrics["rewards/pair_accuracy"] = metrics.pop("rewards/accuracies")
+                    if self.one_pair_per_example:
+                        metrics["rewards/accuracies"] = list(metrics["rewards/pair_accuracy"])
+            super().log(logs, start_time)
+
     return RaydpoDPOTrainer
 
 
@@ -44,7 +56,7 @@ def _keep_fp32_adapter(model) -> None:
     saved adapter would no longer reproduce the trained model's numbers when reloaded."""
     import torch
 
-    from ..quantization import model_is_quantized
+    from ..models.quantization import model_is_quantized
 
     if not model_is_quantized(model):
         return
@@ -78,6 +90,8 @@ def build_trainer(stage, model, tokenizer, train_examples: list[dict[str, Any]],
     trainer = _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train, eval_dataset=evald,
                                processing_class=tokenizer, callbacks=callbacks)
     _keep_fp32_adapter(trainer.model)
+    trainer.one_pair_per_example = len(train) == len(train_examples) and (
+        evald is None or len(evald) == len(eval_examples))
     # TRL copies a continued adapter as "ref" (or uses the adapter-disabled base); attach the
     # reference this stage asks for instead, or none when the numbers are given
     ref_mod.attach(trainer.model, spec if not (spec.precompute or spec.from_data) else ref_mod.ReferenceSpec())

@@ -60,8 +60,10 @@ def preference_stats(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                      ref_rejected: torch.Tensor, mask: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
     """TRL-style reward statistics over valid (example, negative) pairs: ``rewards/chosen``
     (``beta d_w``), ``rewards/rejected``, ``rewards/margins`` (``beta (d_w - d_i)``) and
-    ``rewards/accuracies`` (share of pairs with a positive margin). With one negative per
-    example they are TRL's numbers."""
+    ``rewards/pair_accuracy`` (share of pairs with a positive margin); ``rewards/accuracies``
+    is the share of examples whose chosen reward beats *every* negative's, the metric of that
+    name in the research code's S-DPO trainer. With one negative per example the two accuracies
+    coincide and every number is TRL's."""
     with torch.no_grad():
         mask = mask.bool()
         cw = beta * (policy_chosen - ref_chosen)
@@ -71,8 +73,8 @@ def preference_stats(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
             "rewards/chosen": cw.mean(),
             "rewards/rejected": cr[mask].mean(),
             "rewards/margins": margins.mean(),
-            "rewards/accuracies": (margins > 0).float().mean(),
-            "rewards/accuracies_all": ((cw.unsqueeze(1) > cr) | ~mask).all(dim=1).float().mean(),
+            "rewards/pair_accuracy": (margins > 0).float().mean(),
+            "rewards/accuracies": ((cw.unsqueeze(1) > cr) | ~mask).all(dim=1).float().mean(),
         }
 
 

@@ -155,7 +155,7 @@ def prepare(plan: Plan | dict) -> _Prepared:
         start_adapter = str(p.resolve())
     tokenizer = load_tokenizer(base)
     if plan.model.quantization != "none":  # before any worker starts
-        from ..quantization import require_bitsandbytes
+        from ..models.quantization import require_bitsandbytes
 
         require_bitsandbytes(plan.model.quantization)
 
@@ -342,11 +342,11 @@ def _write_stage(out_dir: Path, info: dict, fill) -> dict:
 
 def _run_selfplay(st: SelfPlayConfig, current: ModelState, cfg: dict, ctx: WorkerContext, out_dir: Path,
                   stage_hash: str) -> dict:
-    """Self-play generation (:func:`raydpo.training.sprec.selfplay_rows`): every worker decodes
+    """Self-play generation (:func:`raydpo.training.selfplay.selfplay_rows`): every worker decodes
     its share of the sampled rows with the current model; rank 0 writes ``preferences.parquet``."""
     from ..data import load_dataset
     from ..models import load_model
-    from .sprec import sample_rows, selfplay_rows
+    from .selfplay import sample_rows, selfplay_rows
 
     ds = load_dataset(cfg["plan"]["dataset"])
     frame = sample_rows(ds, st.split, st.n_samples, st.seed)
@@ -544,22 +544,12 @@ def _tensorboard_callback(logdir: Path):
 
 def _probe_logps(trainer, examples: list[dict], pad_token_id: int) -> list[list[float]]:
     """Response log-probs of the first training rows under the trained in-memory model, on
-    every rank (ZeRO-3 gathers weights collectively). Stored in ``stage.json``: a reloaded
-    adapter must give the same numbers."""
-    import torch
+    every rank (ZeRO-3 gathers weights collectively), in one batch without prompt sharing.
+    Stored in ``stage.json``: a reloaded adapter must give the same numbers."""
+    from .common import response_logps
 
-    from .data import PackedCollator, packed_logps
-
-    model = trainer.model_wrapped
-    was = model.training
-    model.eval()
-    batch = PackedCollator(pad_token_id, share_prompt=False)(
-        [{"prompt_ids": ex["prompt_ids"], "responses": ex["responses"]} for ex in examples])
-    batch = {k: v.to(trainer.args.device) if hasattr(v, "to") else v for k, v in batch.items()}
-    with torch.no_grad():
-        lp = packed_logps(model, batch).cpu()
-    model.train(was)
-    return [lp[i, : len(ex["responses"])].tolist() for i, ex in enumerate(examples)]
+    return response_logps(trainer.model_wrapped, examples, pad_token_id=pad_token_id, share_prompt=False,
+                          device=trainer.args.device)
 
 
 # --- driver: run and collect -----------------------------------------------------------------------
@@ -573,6 +563,7 @@ def _env_vars(plan: Plan) -> dict[str, str]:
     if not plan.ray.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     for key in ("RAYDPO_CACHE_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAYDPO_STORAGE",
+                "RAYDPO_CPU_BF16",  # dtype "auto" on CPU workers (raydpo.models.device)
                 # an S3-compatible store's endpoint and region (credentials come from the nodes)
                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         if os.environ.get(key):

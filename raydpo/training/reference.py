@@ -103,29 +103,16 @@ def reference_mode(model) -> Iterator[None]:
 def precompute_logps(model, examples: list[dict[str, Any]], *, pad_token_id: int, batch_size: int,
                      rank: int = 0, world_size: int = 1, all_gather=None, device=None) -> list[list[float]]:
     """Reference log-probabilities of every response of every example (``[chosen, neg...]``),
-    computed in :func:`reference_mode` with the shared-prompt packing; examples are split over
-    the ranks and gathered, so every rank gets all of them."""
-    import torch
+    computed in :func:`reference_mode` with the shared-prompt packing
+    (:func:`~raydpo.training.common.response_logps`); examples are split over the ranks and
+    gathered, so every rank gets all of them."""
+    from .common import response_logps
 
-    from .data import PackedCollator, packed_logps
-
-    collate = PackedCollator(pad_token_id, share_prompt=True)
     mine = list(range(rank, len(examples), world_size))
-    out: dict[int, list[float]] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), reference_mode(model):
-            for s in range(0, len(mine), batch_size):
-                idx = mine[s : s + batch_size]
-                batch = collate([examples[i] for i in idx])
-                if device is not None:
-                    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-                lp = packed_logps(model, batch).cpu()
-                for row, i in enumerate(idx):
-                    out[i] = lp[row, : len(examples[i]["responses"])].tolist()
-    finally:
-        model.train(was_training)
+    with reference_mode(model):
+        lps = response_logps(model, [examples[i] for i in mine], pad_token_id=pad_token_id, batch_size=batch_size,
+                             share_prompt=True, device=device)
+    out: dict[int, list[float]] = dict(zip(mine, lps))
     if world_size > 1:
         parts = all_gather(out)
         for part in parts:
@@ -143,10 +130,9 @@ def add_reference_columns(frame, model_name_or_path: str, *, adapter: str | None
     ``reference: precomputed`` then runs no reference pass. The numbers are raydpo's
     tokenisation (the same as :func:`raydpo.models.sequence_logprobs`). ``quantization``: load
     the base as the training stage will (``nf4`` for QLoRA), so the numbers are its reference's."""
-    import torch
-
     from ..models import load_model
-    from .data import PackedCollator, packed_logps, tokenize_frame
+    from .common import response_logps
+    from .data import tokenize_frame
 
     model, tok = load_model(model_name_or_path, adapter=adapter, device=device, quantization=quantization,
                             compute_dtype=compute_dtype)
@@ -154,15 +140,8 @@ def add_reference_columns(frame, model_name_or_path: str, *, adapter: str | None
     frame["rejected"] = [[r] if isinstance(r, str) else list(r) for r in frame["rejected"]]
     examples = tokenize_frame(frame.drop(columns=[c for c in ("ref_chosen_logps", "ref_rejected_logps", "betas")
                                                   if c in frame.columns]), tok, max_length=max_length)
-    collate = PackedCollator(tok.pad_token_id, share_prompt=True)
-    dev = next(model.parameters()).device
-    out: list[list[float]] = []
-    with torch.no_grad():
-        for s in range(0, len(examples), batch_size):
-            part = examples[s : s + batch_size]
-            batch = {k: v.to(dev) if hasattr(v, "to") else v for k, v in collate(part).items()}
-            lp = packed_logps(model, batch).cpu()
-            out.extend(lp[i, : len(e["responses"])].tolist() for i, e in enumerate(part))
+    out = response_logps(model, examples, pad_token_id=tok.pad_token_id, batch_size=batch_size, share_prompt=True,
+                         device=next(model.parameters()).device)
     frame["ref_chosen_logps"] = [o[0] for o in out]
     frame["ref_rejected_logps"] = [o[1:] for o in out]
     return frame

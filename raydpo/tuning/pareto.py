@@ -38,6 +38,19 @@ def pareto_front(frame: pd.DataFrame, objectives: Mapping[str, str]) -> pd.DataF
     return frame[mask].sort_values(first, ascending=objectives[first] == "min")
 
 
+def error_bars(frame: pd.DataFrame, metric: str) -> np.ndarray | None:
+    """``[2, n]`` distances from each value down to its interval's low end and up to its high end
+    (matplotlib's ``xerr``/``yerr``), or None when the frame has no interval for ``metric``."""
+    from .uncertainty import interval_columns
+
+    cols = interval_columns(frame, metric)
+    if cols is None:
+        return None
+    v = frame[metric].to_numpy(dtype=float)
+    lo, hi = frame[cols[0]].to_numpy(dtype=float), frame[cols[1]].to_numpy(dtype=float)
+    return np.nan_to_num(np.stack([v - lo, hi - v]).clip(min=0))
+
+
 def plot_front(frame: pd.DataFrame, objectives: Mapping[str, str], path: str | Path,
                label: str | None = None, title: str = "Pareto front") -> Path:
     """Scatter every trial on the first two objectives and draw the front; PNG written atomically."""
@@ -49,6 +62,10 @@ def plot_front(frame: pd.DataFrame, objectives: Mapping[str, str], path: str | P
     x, y = list(objectives)[:2]
     mask = pareto_mask(frame[[x, y]].to_numpy(dtype=float), [objectives[x], objectives[y]])
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    xerr, yerr = error_bars(frame, x), error_bars(frame, y)
+    if xerr is not None or yerr is not None:  # each trial's interval (bootstrap over users, else over seeds)
+        ax.errorbar(frame[x], frame[y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#c3cad3", elinewidth=1,
+                    capsize=2, zorder=1, label="interval")
     ax.scatter(frame[x], frame[y], c="#9aa5b1", label="trials", zorder=2)
     front = frame[mask].sort_values(x)
     ax.plot(front[x], front[y], "o-", color="#d1495b", label="Pareto front", zorder=3)

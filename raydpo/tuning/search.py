@@ -9,8 +9,12 @@ A search space file::
     max_concurrent: 1
     resources_per_trial: {cpu: 1, gpu: 0}
     max_failures: 1                      # retries of a failed trial
-    sampler: tpe                         # tpe | nsga2 | random
+    sampler: tpe                         # tpe | nsga2 | random | grid
     seed: 0
+    repeats: 1                           # seeds per configuration (sampling.seed, alignment.seed + i)
+    confidence: 0.95                     # of every interval and significance test
+    baselines: [selfplay]                # compared with the best trial (paired test over users)
+    compare_to_baselines: best           # best | front | all trials
     space:                               # any config field by its dotted path
       sampling.strategy: {choice: [clusterout_low, clusterin_high, selfplay, random]}
       alignment.beta: {loguniform: [0.05, 0.5]}
@@ -24,6 +28,13 @@ evaluation. The Optuna study is persisted as a journal file (``optuna-dashboard 
 opens it), the Tune experiment can be resumed with ``--resume``, and the result is written as
 ``trials.csv`` (every trial's parameters, metrics, status and error), ``pareto.csv``,
 ``pareto.md`` and ``pareto.png``.
+
+Every metric of a trial is the mean over its seeds, with its interval beside it
+(``NDCG@10_ci_low`` / ``_ci_high``: bootstrap over users; with ``repeats`` >= 2 also
+``_seed_ci_low`` / ``_seed_ci_high``: t interval over seeds; see :mod:`raydpo.tuning.uncertainty`).
+The Pareto front is computed on the means, and ``significance.md`` says which differences between
+front members, and between trials and the baselines, are significant
+(:mod:`raydpo.tuning.significance`).
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -42,6 +53,7 @@ from ..config import (ConfigError, PipelineConfig, SafeName, _format_errors, che
                       read_config_mapping, with_overrides)
 from ..io import write_json, write_text
 from .pareto import pareto_front, plot_front
+from .significance import KEYS_COLUMN
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "int")
 
@@ -66,6 +78,15 @@ class SearchSpace(BaseModel):
     # (default: on when mlflow is installed; MLFLOW_TRACKING_URI, else OUT/mlruns/mlflow.db)
     mlflow: bool | dict[str, str | None] = True
     space: dict[str, dict[str, Any]]
+    # each configuration runs with this many seeds (the seeds of sampling and alignment + 0..N-1);
+    # its metrics are the means, with intervals
+    repeats: int = Field(1, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)  # of the intervals and the significance tests
+    n_resamples: int = Field(2000, ge=100)  # bootstrap resamples over users
+    # trials compared with the best trial (paired test over users): a searched value
+    # ([selfplay]) or {name: {param: value, ...}}
+    baselines: list[str] | dict[str, dict[str, Any]] = []
+    compare_to_baselines: Literal["best", "front", "all"] = "best"  # which trials are compared with them
 
     @field_validator("objectives")
     @classmethod
@@ -157,6 +178,7 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
         kind, arg = next(iter(dist.items()))
         for value in (arg if kind == "choice" else arg):
             with_overrides(cfg, {field_path: int(value) if kind == "int" else value}, source=f"{p}: space")
+    resolve_baselines(space, str(p))
     for obj in space.objectives:
         name, _, k = obj.partition("@")
         from ..evaluation.metrics import METRIC_NAMES
@@ -165,6 +187,32 @@ def load_search_space(path: str | Path) -> tuple[SearchSpace, PipelineConfig]:
             raise ConfigError(f"{p}: objectives.{obj}: expected METRIC@k with METRIC in {list(METRIC_NAMES)} "
                               f"and k in evaluation.ks {cfg.evaluation.ks}")
     return space, cfg
+
+
+def resolve_baselines(space: SearchSpace, source: str = "<search space>") -> dict[str, dict[str, Any]]:
+    """``{name: {param: value}}``; a plain name is the searched ``choice`` value it equals (exactly one
+    parameter must offer it)."""
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(space.baselines, dict):
+        for name, values in space.baselines.items():
+            if not isinstance(values, dict) or not values:
+                raise ConfigError(f"{source}: baselines.{name}: expected {{param: value, ...}} of searched parameters")
+            for param in values:
+                if param not in space.space:
+                    raise ConfigError(f"{source}: baselines.{name}.{param}: not a searched parameter (space has "
+                                      f"{list(space.space)})")
+            out[str(name)] = dict(values)
+        return out
+    for name in space.baselines:
+        owners = [path for path, dist in space.space.items()
+                  if "choice" in dist and any(str(v) == str(name) for v in dist["choice"])]
+        if len(owners) != 1:
+            why = "no searched choice offers it" if not owners else f"several parameters offer it ({owners})"
+            raise ConfigError(f"{source}: baselines: {name!r}: {why}; name a choice value such as selfplay, or "
+                              "write {name: {param: value}}")
+        value = next(v for v in space.space[owners[0]]["choice"] if str(v) == str(name))
+        out[str(name)] = {owners[0]: value}
+    return out
 
 
 def optuna_space(space: SearchSpace) -> dict:
@@ -237,24 +285,54 @@ def _train_history(run_dir: str, summaries: dict) -> list[dict]:
     return rows
 
 
-def run_trial(params: dict, base: dict, run_dir: str, with_history: bool = False):
-    """One trial: the pipeline with ``params`` applied, ranked on the configured split (with
-    ``with_history``: also the per-epoch training metrics)."""
+def evaluate_config(cfg: PipelineConfig, run_dir: str, repeats: int = 1, confidence: float = 0.95,
+                    n_resamples: int = 2000) -> tuple[dict[str, Any], list[dict]]:
+    """Run ``cfg`` with ``repeats`` seeds (upstream stages shared through the cache): the mean of
+    every metric with its intervals, ``seeds`` and ``evaluate_keys`` (one per seed); and the
+    pipeline summaries of every seed."""
     from ..pipeline import run_pipeline
+    from .uncertainty import CI_HIGH, CI_LOW, read_per_user, seed_overrides, summarize_seeds, user_intervals
 
+    per_seed, keys, all_summaries = [], [], []
+    for i in range(repeats):
+        summaries = run_pipeline(with_overrides(cfg, seed_overrides(cfg, i), source="<seed>"), run_dir=run_dir,
+                                 progress=False)
+        per_seed.append({k: v for k, v in flatten_metrics(summaries["evaluate"]["metrics"]).items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        keys.append(summaries["evaluate"]["key"])
+        all_summaries.append(summaries)
+    out: dict[str, Any] = summarize_seeds(per_seed, confidence)
+    pus = read_per_user(run_dir, keys)
+    if pus is not None:
+        for name, (lo, hi) in user_intervals(pus, confidence, n_resamples).items():
+            if name in out:
+                out[name + CI_LOW], out[name + CI_HIGH] = lo, hi
+    out["seeds"] = repeats
+    out[KEYS_COLUMN] = " ".join(keys)
+    return out, all_summaries
+
+
+def run_trial(params: dict, base: dict, run_dir: str, with_history: bool = False, repeats: int = 1,
+              confidence: float = 0.95, n_resamples: int = 2000):
+    """One trial: the pipeline with ``params`` applied, run with ``repeats`` seeds and ranked on the
+    configured split (with ``with_history``: also the per-epoch training metrics of every seed)."""
     cfg = with_overrides(PipelineConfig.model_validate(base), params, source="<trial>")
-    summaries = run_pipeline(cfg, run_dir=run_dir, progress=False)
-    metrics = flatten_metrics(summaries["evaluate"]["metrics"])
-    return (metrics, _train_history(run_dir, summaries)) if with_history else metrics
+    metrics, summaries = evaluate_config(cfg, run_dir, repeats, confidence, n_resamples)
+    if not with_history:
+        return metrics
+    history = [{"seed": i, **m} for i, s in enumerate(summaries) for m in _train_history(run_dir, s)]
+    return metrics, history
 
 
 HISTORY_KEY = "train_history"
 
 
-def _trainable(config: dict, base: dict, run_dir: str) -> None:
+def _trainable(config: dict, base: dict, run_dir: str, repeats: int = 1, confidence: float = 0.95,
+               n_resamples: int = 2000) -> None:
     import ray.tune as tune
 
-    metrics, history = run_trial(dict(config), base, run_dir, with_history=True)
+    metrics, history = run_trial(dict(config), base, run_dir, with_history=True, repeats=repeats,
+                                 confidence=confidence, n_resamples=n_resamples)
     tune.report({**metrics, HISTORY_KEY: history})
 
 
@@ -447,7 +525,8 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     searcher.journal = journal
     searcher = ConcurrencyLimiter(searcher, max_concurrent=space.max_concurrent)
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), run_dir=run_dir),
+        tune.with_parameters(_trainable, base=cfg.model_dump(mode="json"), run_dir=run_dir, repeats=space.repeats,
+                             confidence=space.confidence, n_resamples=space.n_resamples),
         {k: v for k, v in space.resources_per_trial.items() if v})
     param_space: dict = {}
     callbacks = _callbacks(tracking, out, remote_out)
@@ -477,7 +556,7 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
         )
     grid = tuner.fit()
     trials = results_frame(grid, list(space.space), objectives)
-    result = write_results(trials, space, out)
+    result = write_results(trials, space, out, run_dir=run_dir, split=cfg.evaluation.split)
     if remote_out:
         n = storage.upload_dir(out, remote_out, last=("search.json",))
         print(f"search results copied to {remote_out} ({n} files)")
@@ -494,6 +573,8 @@ def results_frame(grid, params: list[str], objectives: list[str]) -> pd.DataFram
         for k, v in metrics.items():
             if "@" in k:
                 row[k] = v
+        row["seeds"] = metrics.get("seeds")
+        row[KEYS_COLUMN] = metrics.get(KEYS_COLUMN, "")
         for o in objectives:
             row.setdefault(o, math.nan)
         row["status"] = "ERROR" if r.error else "OK"
@@ -502,42 +583,70 @@ def results_frame(grid, params: list[str], objectives: list[str]) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def write_results(trials: pd.DataFrame, space: SearchSpace, out: Path) -> SearchResult:
+def write_results(trials: pd.DataFrame, space: SearchSpace, out: Path, run_dir: str | Path | None = None,
+                  split: str | None = None) -> SearchResult:
+    """trials.csv, pareto.csv / .md / .png (front on the means, intervals beside them) and, with the
+    trials' per-user results under ``run_dir``, significance.md / .csv."""
     objectives = dict(space.objectives)
     ok = trials[trials["status"] == "OK"]
     front = pareto_front(ok, objectives) if len(ok) else ok
     write_text(out / "trials.csv", trials.to_csv(index=False))
     write_text(out / "pareto.csv", front.to_csv(index=False))
-    write_text(out / "pareto.md", pareto_markdown(front, list(space.space), list(objectives)))
+    table = pareto_markdown(front, list(space.space), list(objectives), space.confidence)
+    write_text(out / "pareto.md", table)
     if len(ok) and len(objectives) >= 2:
         label = next((p for p in space.space if p.endswith("strategy")), None)
         plot_front(ok, objectives, out / "pareto.png", label=label,
                    title=f"{space.name or out.name}: {len(ok)} trials, {len(front)} on the front")
+    sig_text = ""
+    if run_dir is not None and len(ok):
+        from .significance import significance
+
+        sig, sig_text = significance(ok, front, objectives, list(space.space), resolve_baselines(space),
+                                     space.compare_to_baselines, run_dir, split or space.split,
+                                     confidence=space.confidence, n_resamples=space.n_resamples)
+        write_text(out / "significance.csv", sig.to_csv(index=False))
+        write_text(out / "significance.md", sig_text)
     write_json(out / "search.json", {"space": space.model_dump(), "trials": len(trials),
                                      "failed": int((trials['status'] != 'OK').sum()), "front": len(front)})
     print(f"{len(trials)} trials ({int((trials['status'] != 'OK').sum())} failed), {len(front)} on the Pareto front "
           f"-> {out}")
-    print(pareto_markdown(front, list(space.space), list(objectives)))
+    print(table)
+    if sig_text:
+        print(sig_text)
     return SearchResult(trials, front, out)
 
 
-def pareto_markdown(front: pd.DataFrame, params: list[str], objectives: list[str]) -> str:
+def pareto_markdown(front: pd.DataFrame, params: list[str], objectives: list[str], confidence: float = 0.95) -> str:
+    """The front as a table: each objective's mean with its interval (over users, else over seeds)."""
+    from .uncertainty import interval_columns
+
     cols = ["trial"] + params + objectives
     cols = [c for c in cols if c in front.columns]
+    if "seeds" in front.columns and front["seeds"].fillna(1).max() > 1:
+        cols.append("seeds")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in front.iterrows():
         cells = []
         for c in cols:
             v = row[c]
-            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+            lo_hi = interval_columns(front, c) if c in objectives else None
+            if lo_hi and pd.notna(row[lo_hi[0]]):
+                cells.append(f"{v:.4f} [{row[lo_hi[0]]:.4f}, {row[lo_hi[1]]:.4f}]")
+            elif c == "seeds":
+                cells.append(str(int(v)))
+            else:
+                cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if any(c in objectives and interval_columns(front, c) for c in cols):
+        lines.append(f"\n[low, high]: {confidence:.0%} interval of the mean (bootstrap over users; over seeds when "
+                     "no per-user results)")
     return "\n".join(lines) + "\n"
 
 
 def evaluate_best(search_dir: str | Path, top: int | None = None, split: str = "test") -> pd.DataFrame:
-    """Re-run the Pareto-front trials' pipelines on ``split`` (reusing their trained adapters)."""
-    from ..pipeline import run_pipeline
-
+    """Re-run the Pareto-front trials' pipelines on ``split`` with their seeds (reusing their
+    trained adapters); their metrics with intervals go to ``best_SPLIT.csv``."""
     from ..errors import DataError
     from ..readers import check_folder, read_json
     from ..report import _read_csv
@@ -565,9 +674,9 @@ def evaluate_best(search_dir: str | Path, top: int | None = None, split: str = "
     for _, r in meta.head(top or len(meta)).iterrows():
         params = {p: (r[p].item() if hasattr(r[p], "item") else r[p]) for p in space.space}
         cfg = with_overrides(base, {**params, "evaluation.split": split})
-        m = flatten_metrics(run_pipeline(cfg, progress=False)["evaluate"]["metrics"])
+        m, _ = evaluate_config(cfg, cfg.run_dir, space.repeats, space.confidence, space.n_resamples)
         rows.append({"trial": r["trial"], **params, **m})
     frame = pd.DataFrame(rows)
     write_text(search_dir / f"best_{split}.csv", frame.to_csv(index=False))
-    print(pareto_markdown(frame, list(space.space), list(space.objectives)))
+    print(pareto_markdown(frame, list(space.space), list(space.objectives), space.confidence))
     return frame
