@@ -1549,6 +1549,73 @@ def _(env):
     return ["report", str(env.tmp / "run")]
 
 
+# --- compare ---------------------------------------------------------------------------------------
+
+
+def _per_user_file(env, name: str, n: int = 30, target_shift: int = 0) -> Path:
+    import numpy as np
+
+    from raydpo.evaluation.stats import PerUser
+
+    rng = np.random.default_rng(0)
+    topk = np.stack([rng.permutation(20)[:10] for _ in range(n)])
+    targets = (np.arange(n) + target_shift) % 20
+    ranks = np.array([list(t).index(g) if g in t else -1 for t, g in zip(topk, targets)])
+    path = env.tmp / name
+    PerUser(np.arange(n), targets, topk, ranks, np.zeros(n, bool), [np.array([1, 2])] * n, np.eye(20)[:, :4],
+            (5, 10)).write(path)
+    return path
+
+
+@case("compare-missing-file", "nope.json: not found")
+def _(env):
+    return ["compare", str(_per_user_file(env, "a.parquet")), str(env.tmp / "nope.json")]
+
+
+@case("compare-rows-differ", "b.parquet: B has 20 rows but A has 30")
+def _(env):
+    return ["compare", f"A={_per_user_file(env, 'a.parquet')}", f"B={_per_user_file(env, 'b.parquet', n=20)}"]
+
+
+@case("compare-targets-differ", "b.parquet: record 0, field 'target': row 0 of B has target 1 but A has 0")
+def _(env):
+    return ["compare", f"A={_per_user_file(env, 'a.parquet')}",
+            f"B={_per_user_file(env, 'b.parquet', target_shift=1)}"]
+
+
+@case("compare-not-per-user", "other.parquet: not a raydpo per-user results file")
+def _(env):
+    pd.DataFrame({"x": [1]}).to_parquet(env.tmp / "other.parquet")
+    return ["compare", str(_per_user_file(env, "a.parquet")), str(env.tmp / "other.parquet")]
+
+
+@case("compare-corrupt-parquet", "a.parquet: not a readable Parquet file")
+def _(env):
+    (env.tmp / "a.parquet").write_bytes(b"PAR1 broken")
+    return ["compare", str(env.tmp / "a.parquet"), str(env.tmp / "a.parquet")]
+
+
+@case("compare-predictions-without-data", "pred.json: a predictions file needs the dataset")
+def _(env):
+    return ["compare", str(env.preds()), str(_per_user_file(env, "a.parquet"))]
+
+
+@case("compare-resamples-zero", "compare: argument --resamples: must be an integer >= 1")
+def _(env):
+    return ["compare", str(_per_user_file(env, "a.parquet")), "--resamples", "0"]
+
+
+@case("compare-k-too-large", "k=20 exceeds the 10 items kept per row")
+def _(env):
+    return ["compare", str(_per_user_file(env, "a.parquet")), "--k", "20"]
+
+
+@case("compare-empty-folder", "not a run folder (evaluate/)")
+def _(env):
+    (env.tmp / "empty").mkdir()
+    return ["compare", str(_per_user_file(env, "a.parquet")), str(env.tmp / "empty")]
+
+
 @case("demo-users-too-few", "demo: argument --users: must be an integer >= 10, got '3'")
 def _(env):
     return ["demo", "--out", env.out(), "--users", "3"]

@@ -61,6 +61,9 @@ def test_diverse_beam_search_equals_transformers_4(rec, path, shared):
                       pad_token_id=mod.PAD, shared_prefill=shared, shared_attention=shared)
     got = [_trim(out.sequences[b].tolist(), mod.EOS) for b in range(len(r["prompts"]))]
     assert got == r["sequences"]
-    torch.testing.assert_close(out.scores, torch.tensor(r["scores"]), atol=1e-5, rtol=0)
+    if shared:  # raydpo's shared-prompt attention sums in another order: last-bit differences
+        torch.testing.assert_close(out.scores, torch.tensor(r["scores"]), atol=1e-5, rtol=0)
+    else:  # the per-beam cache, as transformers: bit for bit
+        assert torch.equal(out.scores, torch.tensor(r["scores"]))
     if trie is not None:
         assert (out.items >= 0).all()

@@ -83,6 +83,18 @@ def test_run_cache_partial_rerun_and_from(ray_local, config_path, capsys):
     assert "| Method | NDCG@5" in md and "DPO clusterout_low" in md
     assert (run_dir / "report.png").read_bytes()[:4] == b"\x89PNG"
 
+    # the evaluate stage wrote per-user results that give back its metrics, and `raydpo compare`
+    # reads the run folder (both evaluated configurations: beta 0.1 and 0.5)
+    from raydpo.evaluation.stats import PerUser, metrics_from_per_user
+
+    stage = run_dir / "evaluate" / keys["evaluate"]
+    again = metrics_from_per_user(PerUser.read(stage / "per_user.parquet"))
+    saved = json.loads((stage / "metrics.json").read_text())
+    assert {k: {m: again[int(k)][m] for m in v} for k, v in saved.items()} == saved
+    out = run_dir.parent / "compare.json"
+    assert main(["compare", str(run_dir), "--resamples", "200", "--json", str(out), "-q"]) == 0
+    assert len(json.loads(out.read_text())["methods"]) == 2
+
 
 def test_search_pareto_and_failed_trial(ray_local, config_path, tmp_path):
     # an unknown strategy is refused when the space loads; a failing trial comes from an injected

@@ -48,6 +48,18 @@ def synthetic_table(n=200, n_items=40, n_genres=4, k_max=10, hit_rate=0.2, seed=
     return PerUser(np.arange(n), targets, topk, ranks, rng.random(n) < 0.3, history, w, (5, 10))
 
 
+def with_more_hits(table: PerUser, n_more: int) -> PerUser:
+    """A copy of ``table`` in which ``n_more`` users that missed now find their target first."""
+    import copy
+
+    out = copy.deepcopy(table)
+    rows = np.flatnonzero((out.ranks < 0) & (out.targets >= 0))[:n_more]
+    assert len(rows) == n_more
+    out.topk[rows, 0] = out.targets[rows]
+    out.ranks[rows] = 0
+    return out
+
+
 # --- per-user results ---------------------------------------------------------------------------
 
 
@@ -377,3 +389,41 @@ def test_evaluate_cli_writes_per_user_results(tmp_path, capsys):
                  "--overwrite", "-q"]) == 2
     assert "not written by raydpo" in capsys.readouterr().err
     assert (tmp_path / "mine.parquet").read_bytes() == b"user data"
+
+
+def test_compare_finds_run_and_search_folders(tmp_path, capsys):
+    """A run folder gives every evaluated configuration; a search folder every successful trial
+    (through trials.csv's evaluate_keys and base_config.json's run folder), labelled by parameters."""
+    run = tmp_path / "runs"
+    base = synthetic_table(n=200, seed=7, hit_rate=0.05)
+    better = with_more_hits(base, 40)
+    for key, table in (("aaa", base), ("bbb", better)):
+        stage = run / "evaluate" / key
+        stage.mkdir(parents=True)
+        (stage / "_SUCCESS").write_text(json.dumps({"stage": "evaluate", "key": key}))
+        table.write(stage / "per_user.parquet")
+    (run / "chains").mkdir()
+    (run / "chains" / "aaa.json").write_text(json.dumps({"sampling": {"strategy": "selfplay"},
+                                                         "alignment": {"beta": 0.1, "epochs": 1}}))
+    out = tmp_path / "run.json"
+    assert main(["compare", str(run), "--resamples", "500", "--metrics", "HR", "ORRatio", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["methods"]) == ["DPO selfplay (beta 0.1, 1 ep)", "bbb"]
+    assert result["methods"]["bbb"]["10"]["HR"]["significant"] is True
+    assert set(result["methods"]["bbb"]["10"]) == {"HR", "ORRatio"}
+    capsys.readouterr()
+
+    search = tmp_path / "search"
+    search.mkdir()
+    (search / "base_config.json").write_text(json.dumps({"run_dir": str(run)}))
+    (search / "search.json").write_text(json.dumps({"space": {"space": {"sampling.strategy": {}}}}))
+    (search / "trials.csv").write_text("trial,sampling.strategy,NDCG@10,evaluate_keys,status,error\n"
+                                       "t1,selfplay,0.1,aaa,OK,\nt2,clusterout_low,0.2,bbb,OK,\nt3,random,,,ERROR,boom\n")
+    assert main(["compare", str(search), "--baseline", "strategy=selfplay", "--resamples", "500", "--metrics", "HR",
+                 "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].startswith("strategy=selfplay,5,HR,") and any(r.startswith("strategy=clusterout_low,10,HR,")
+                                                                 for r in rows)
+    (run / "evaluate" / "bbb" / "per_user.parquet").unlink()
+    assert main(["compare", str(search)]) == 2
+    assert "per-user results are missing" in capsys.readouterr().err

@@ -133,9 +133,14 @@ def _same(a, b) -> bool:
     return str(a) == str(b)
 
 
+def _fmt_param(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _search_entries(search_dir: Path, evaluator: _Evaluator) -> list[tuple[str, PerUser]]:
-    """Every successful trial of a search folder: its per-user results (``per_user`` column of
-    trials.csv), else the evaluate stage of the run whose recorded config matches its parameters."""
+    """Every successful trial of a search folder, labelled by its parameters: its per-user results
+    (the ``per_user`` column of trials.csv, else its ``evaluate_keys`` (one per seed) in the
+    search's run folder, else the evaluate stage whose recorded config matches its parameters)."""
     from ..report import _read_csv
 
     trials = _read_csv(search_dir / "trials.csv", ("trial",))
@@ -150,44 +155,42 @@ def _search_entries(search_dir: Path, evaluator: _Evaluator) -> list[tuple[str, 
         if isinstance(info, dict) and isinstance(info.get("space"), dict):
             params = list((info["space"].get("space") or {}).keys())
     params = [p for p in params if p in trials.columns]
+    run_dir: Path | None = None
     chains: list[tuple[Path, dict]] = []
-    run_dir = None
     if "per_user" not in trials.columns:
         base = read_json(search_dir / "base_config.json") if (search_dir / "base_config.json").is_file() else {}
-        run_dir = Path(base.get("run_dir", "")) if isinstance(base, dict) and base.get("run_dir") else None
-        if run_dir is None or not (run_dir / "chains").is_dir():
-            raise DataError("cannot find the trials' runs: trials.csv has no per_user column and base_config.json "
-                            "names no run folder with chains/", path=search_dir)
-        for c in sorted((run_dir / "chains").glob("*.json")):
-            cfg = read_json(c)
-            if isinstance(cfg, dict):
-                chains.append((c, cfg))
+        run_dir = Path(base["run_dir"]) if isinstance(base, dict) and base.get("run_dir") else None
+        if run_dir is None or not (run_dir / "evaluate").is_dir():
+            raise DataError("cannot find the trials' runs: base_config.json names no run folder with evaluate/ "
+                            "stages", path=search_dir / "base_config.json", field="run_dir")
+        if "evaluate_keys" not in trials.columns and (run_dir / "chains").is_dir():
+            for c in sorted((run_dir / "chains").glob("*.json")):
+                cfg = read_json(c)
+                if isinstance(cfg, dict):
+                    chains.append((c, cfg))
     out = []
     for i, row in trials.reset_index(drop=True).iterrows():
-        label = str(row["trial"])
+        label = ", ".join(f"{p.split('.')[-1]}={_fmt_param(row[p])}" for p in params) or str(row["trial"])
         if "per_user" in trials.columns:
-            paths = [p for p in str(row["per_user"]).split(";") if p and p != "nan"]
-            if not paths:
-                raise DataError("no per-user results file", path=search_dir / "trials.csv", record=i, field="per_user")
-            for j, p in enumerate(paths):
-                q = Path(p) if Path(p).is_absolute() else search_dir / p
-                out.append((label if len(paths) == 1 else f"{label}#{j}", PerUser.read(q)))
-            continue
-        matches = [(c, cfg) for c, cfg in chains
-                   if cfg.get("split") == evaluator.split and all(_same(_nested(cfg, p), row[p]) for p in params)]
-        if not matches:
-            raise DataError(f"no evaluated run in {run_dir} matches the trial's parameters",
-                            path=search_dir / "trials.csv", record=i, field="trial")
-        c, cfg = matches[-1]
-        stage = run_dir / "evaluate" / str((cfg.get("keys") or {}).get("evaluate"))
-        if (stage / PER_USER_FILE).is_file():
-            out.append((label, PerUser.read(stage / PER_USER_FILE)))
+            paths = [Path(p) for p in str(row["per_user"]).split(";") if p.strip() and p != "nan"]
+            paths = [p if p.is_absolute() else search_dir / p for p in paths]
+        elif "evaluate_keys" in trials.columns:
+            keys = str(row["evaluate_keys"]).split() if isinstance(row["evaluate_keys"], str) else []
+            paths = [run_dir / "evaluate" / key / PER_USER_FILE for key in keys]
         else:
-            keys = cfg.get("keys") or {}
-            pred = run_dir / "predict" / str(keys.get("predict")) / "predictions" / "predictions.json"
-            data = run_dir / "data" / str(keys.get("data")) / "dataset"
-            out.append((label, evaluator(pred, data if data.is_dir() else None,
-                                         (cfg.get("prediction") or {}).get("limit"))))
+            matches = [cfg for _, cfg in chains
+                       if cfg.get("split") == evaluator.split and all(_same(_nested(cfg, p), row[p]) for p in params)]
+            paths = [run_dir / "evaluate" / str((cfg.get("keys") or {}).get("evaluate")) / PER_USER_FILE
+                     for cfg in matches[-1:]]
+        if not paths:
+            raise DataError("no per-user results of this trial", path=search_dir / "trials.csv", record=i,
+                            field="trial")
+        for j, p in enumerate(paths):
+            if not p.is_file():
+                raise DataError("the trial's per-user results are missing (an evaluate stage cached before "
+                                "per-user results existed: rerun it with `raydpo run CONFIG --from evaluate`)",
+                                path=p)
+            out.append((label if len(paths) == 1 else f"{label} (seed {j})", PerUser.read(p)))
     return out
 
 

@@ -133,8 +133,6 @@ class PerUser:
         """A pandas DataFrame: ``row, target, rank, not_in_catalog, topk`` (list), ``history_items``
         (list), and per k ``NDCG@k``, ``HR@k`` (the row's contribution before dividing by N) and
         ``rec_genre_mass@k`` (list, genre mass of its top-k items); plus ``hist_genre_mass`` (list)."""
-        import pandas as pd
-
         return self._table().to_pandas()
 
     def _table(self):
@@ -348,7 +346,15 @@ class _Prepared:
 
     ``sums(R)`` gives additive statistics (sums over users), ``finish(sums)`` the metrics: the
     split lets a permutation test add the sums of two tables before finishing.
+
+    One dense product ``R @ D`` gives every per-user sum (row counts, hits, NDCG, not-in-catalog,
+    genre masses of the histories and of the top-k lists); the item counts of the top-k lists are
+    a sparse product (``items x users``, float32: exact for counts below 2**24), accumulated from
+    one k to the next. ``items`` orders the item columns by popularity, so the three largest
+    counts are found among the first columns (checked against the maximum of the others).
     """
+
+    HEAD = 32
 
     def __init__(self, table: PerUser, ks: Sequence[int], items: np.ndarray, metrics: Sequence[str]):
         from scipy import sparse
@@ -357,39 +363,67 @@ class _Prepared:
         self.metrics = list(metrics)
         self.population = any(m in POPULATION_METRICS for m in metrics)
         self.reference = table.protocol == "reference"
+        self.n_items = table.n_items
         n = len(table)
         valid = table.valid
-        self.valid = valid.astype(np.float64)
-        self.not_in = table.not_in.astype(np.float64)
-        self.contrib = {k: table.contributions(k) for k in self.ks}
-        self.n_items = table.n_items
+        cols: list[np.ndarray] = [np.ones(n), valid.astype(np.float64), table.not_in.astype(np.float64)]
+        self.at: dict = {"n_all": 0, "n_valid": 1, "not_in": 2}
+        for k in self.ks:
+            ndcg, hr = table.contributions(k)
+            self.at[("ndcg", k)] = len(cols)
+            cols.append(ndcg)
+            self.at[("hr", k)] = len(cols)
+            cols.append(hr)
+        self.spans: dict = {}
         if self.population:
-            self.hist = table.history_counts()
+            g = table.genre_weights.shape[1]
+            blocks = [table.history_counts()] + [table.rec_genre_mass(k) for k in self.ks]
+            for key, block in zip(["gh"] + [("gp", k) for k in self.ks], blocks):
+                self.spans[key] = (len(cols), len(cols) + g)
+                cols.extend(block.T)
             remap = np.full(table.n_items, -1, dtype=np.int64)
             remap[items] = np.arange(len(items))
             self.n_cols = len(items)
             rows = np.flatnonzero(valid)
-            self.items_t: dict[int, object] = {}
-            self.rec: dict[int, np.ndarray] = {}
+            self.steps = []  # per k: the items at ranks [previous k, k) as an items x users matrix
+            prev = 0
             for k in self.ks:
-                cols = remap[table.topk[rows, :k]].ravel()
-                a = sparse.csr_matrix((np.ones(len(cols)), (np.repeat(rows, k), cols)), shape=(n, len(items)))
-                self.items_t[k] = a.T.tocsr()  # [U, N]
-                self.rec[k] = table.rec_genre_mass(k)
+                c = remap[table.topk[rows, prev:k]].ravel()
+                a = sparse.csr_matrix((np.ones(len(c), dtype=np.float32), (c, np.repeat(rows, k - prev))),
+                                      shape=(len(items), n))
+                self.steps.append(a)
+                prev = k
+        self.dense = np.ascontiguousarray(np.column_stack(cols))
 
-    def sums(self, r: np.ndarray) -> dict:
-        s: dict = {"n_all": r.sum(axis=1), "n_valid": r @ self.valid, "not_in": r @ self.not_in}
-        for k in self.ks:
-            ndcg, hr = self.contrib[k]
-            s[("ndcg", k)] = r @ ndcg
-            s[("hr", k)] = r @ hr
+    def sums(self, rt: np.ndarray) -> dict:
+        """``rt [N, b]``: the weight of each user (row) in each of b weightings (columns)."""
+        d = rt.T @ self.dense
+        s: dict = {key: d[:, j] for key, j in self.at.items()}
+        for key, (lo, hi) in self.spans.items():
+            s[key] = d[:, lo:hi]
         if self.population:
-            s["gh"] = r @ self.hist
-            rt = np.ascontiguousarray(r.T)
-            for k in self.ks:
-                s[("counts", k)] = np.asarray(self.items_t[k] @ rt).T  # [b, U]
-                s[("gp", k)] = r @ self.rec[k]
+            rt32 = np.ascontiguousarray(rt, dtype=np.float32)
+            counts = None
+            for k, a in zip(self.ks, self.steps):
+                step = a @ rt32  # [U, b]: how often each item is recommended in each weighting
+                counts = step if counts is None else counts + step
+                s[("counts", k)] = counts
         return s
+
+    def _top3(self, c: np.ndarray) -> np.ndarray:
+        """Sum of the three largest counts of each column of ``c [U, b]``."""
+        top = min(3, self.n_items)
+        u = c.shape[0]
+        if u <= top:
+            return c.sum(axis=0, dtype=np.float64)
+        head = min(u, max(self.HEAD, top))
+        best = np.partition(c[:head].T, head - top, axis=1)[:, -top:]
+        out = best.sum(axis=1, dtype=np.float64)
+        if head < u:
+            bad = np.flatnonzero(c[head:].max(axis=0) > best.min(axis=1))
+            if len(bad):
+                out[bad] = np.partition(c[:, bad].T, u - top, axis=1)[:, -top:].sum(axis=1, dtype=np.float64)
+        return out
 
     def finish(self, s: dict) -> dict[int, dict[str, np.ndarray]]:
         n_all = s["n_all"]
@@ -405,15 +439,10 @@ class _Prepared:
                 m["Predict_NotIn_Ratio"] = s["not_in"] / n_all
                 if self.population:
                     c = s[("counts", k)]
-                    div = (c > 0).sum(axis=1).astype(np.float64)
+                    div = np.count_nonzero(c, axis=0).astype(np.float64)
                     m["diversity"] = div
                     m["DivRatio"] = div / (n * k)
-                    top = min(3, self.n_items)
-                    if c.shape[1] > top:
-                        top3 = np.partition(c, c.shape[1] - top, axis=1)[:, -top:].sum(axis=1)
-                    else:
-                        top3 = c.sum(axis=1)
-                    m["ORRatio"] = top3 / (k * n)
+                    m["ORRatio"] = self._top3(c) / (k * n)
                     gp = s[("gp", k)]
                     d = gp / gp.sum(axis=1, keepdims=True) - gh
                     m["DGU"] = d.max(axis=1) - d.min(axis=1) if d.shape[1] else np.full(len(n), np.nan)
@@ -427,8 +456,12 @@ def _add(a: dict, b: dict) -> dict:
 
 
 def _union_items(tables: Sequence[PerUser], ks: Sequence[int]) -> np.ndarray:
+    """The items recommended (at the largest k, to a row with a catalog target) by any of the
+    tables, most recommended first."""
     k = max(ks)
-    return np.unique(np.concatenate([t.topk[t.valid, :k].ravel() for t in tables]))
+    flat = np.concatenate([t.topk[t.valid, :k].ravel() for t in tables])
+    items, counts = np.unique(flat, return_counts=True)
+    return items[np.argsort(-counts, kind="stable")]
 
 
 def _batch_size(n_users: int, n_cols: int) -> int:
@@ -436,7 +469,7 @@ def _batch_size(n_users: int, n_cols: int) -> int:
 
 
 def _resample_batches(n: int, n_resamples: int, seed: int, batch: int) -> Iterator[np.ndarray]:
-    """Bootstrap count matrices ``[b, n]``: row j counts how often each user is drawn in resample j.
+    """Bootstrap count matrices ``[n, b]``: column j counts how often each user is drawn in resample j.
 
     The draws are ``default_rng(seed).integers(0, n, (n_resamples, n))`` (one call while it fits in
     memory), the same resamples as ``scipy.stats.bootstrap(..., rng=default_rng(seed))``.
@@ -447,15 +480,15 @@ def _resample_batches(n: int, n_resamples: int, seed: int, batch: int) -> Iterat
     for start in range(0, n_resamples, batch):
         b = min(batch, n_resamples - start)
         idx = idx_all[start:start + b] if whole else rng.integers(0, n, (b, n))
-        flat = (idx + (np.arange(b) * n)[:, None]).ravel()
-        yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+        flat = (idx + (np.arange(b) * n)[:, None]).ravel()  # row-local writes: cache friendly
+        yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64).T
 
 
 def _jackknife_batches(n: int, batch: int) -> Iterator[np.ndarray]:
     for start in range(0, n, batch):
         b = min(batch, n - start)
-        r = np.ones((b, n), dtype=np.float64)
-        r[np.arange(b), start + np.arange(b)] = 0.0
+        r = np.ones((n, b), dtype=np.float64)
+        r[start + np.arange(b), np.arange(b)] = 0.0
         yield r
 
 
@@ -622,7 +655,7 @@ def _permutation_diff(a: PerUser, b: PerUser, items, ks, metrics, n_resamples, s
     null: dict[int, dict[str, list]] = {k: {m: [] for m in metrics} for k in ks}
     for start in range(0, int(n_resamples), batch):
         size = min(batch, int(n_resamples) - start)
-        swap = (rng.random((size, n)) < 0.5).astype(np.float64)
+        swap = (rng.random((n, size)) < 0.5).astype(np.float64)
         keep = 1.0 - swap
         sa, sb = prep_a.sums(keep), prep_b.sums(swap)
         xa, xb = prep_a.sums(swap), prep_b.sums(keep)

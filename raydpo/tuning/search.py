@@ -454,12 +454,12 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, resume: bool
     ``ROOT/tune/NAME`` (``--out`` overrides), Ray Tune's state to ``ROOT/tune/NAME/experiment``,
     and ``--resume`` finds the search there by its name. ``ray_address``: ``"local"`` for a
     Ray instance of its own (the quickstart); default: Ray's convention (``RAY_ADDRESS``, ...)."""
+    space, cfg = load_search_space(path)  # bad input fails before Ray is imported
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
     from .. import storage
 
-    space, cfg = load_search_space(path)
     name = name or space.name or Path(path).stem
     try:
         from ..checks import check_name
