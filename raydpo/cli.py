@@ -187,8 +187,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .io import write_json
     from .outputs import record_file
 
-    if len(args.methods) < 1:
-        raise RaydpoError("compare: name at least one predictions file, run folder or search folder")
     if args.json:
         _check_out(args, args.json, kind="comparison", folder=False, option="--json",
                    inputs=[split_name(m)[1] for m in args.methods] + [args.data])
@@ -366,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "configuration) or a search folder (every successful trial).\n\n"
                     "example: raydpo compare SPRec=oracle/SPRec_Reproduction/raw_results_1000.json "
                     "CE=oracle/ClusterExposure_model__Div_10_1.0__clusterout_low --data data/goodreads")
-    cp.add_argument("methods", nargs="+", metavar="METHOD", help="[NAME=]PATH, two or more to compare")
+    cp.add_argument("methods", nargs="+", metavar="METHOD", help="[NAME=]PATH; one gives its intervals, two or more are compared")
     cp.add_argument("--data", help="dataset folder the predictions files were predicted on (needed to evaluate "
                                    "predictions files; run folders use their own)")
     cp.add_argument("--baseline", help="the method the others are compared with (a NAME or PATH; default: the first)")
@@ -378,9 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="confidence level of the intervals; 1 - it is the significance level (default: 0.95)")
     cp.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the resampling (default: 0)")
     cp.add_argument("--test", choices=["bootstrap", "permutation"], default="bootstrap",
-                    help="paired test of the differences (default: bootstrap)")
+                    help="paired test of the differences: bootstrap (resample users) or permutation (swap the "
+                         "two methods' results of random users); the difference's interval is always the paired "
+                         "bootstrap one (default: bootstrap)")
     cp.add_argument("--interval", choices=["percentile", "bca"], default="percentile",
-                    help="bootstrap interval (default: percentile)")
+                    help="bootstrap interval: percentile, or bca (bias-corrected and accelerated; adds one "
+                         "recomputation per user) (default: percentile)")
     cp.add_argument("--format", choices=["markdown", "csv"], default="markdown", help="table printed (default: markdown)")
     cp.add_argument("--json", metavar="FILE", help="write every number as JSON (per method, k and metric)")
     cp.add_argument("--overwrite", action="store_true", help="replace a JSON file raydpo wrote earlier")

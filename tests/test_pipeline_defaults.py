@@ -61,14 +61,20 @@ ray: {{num_workers: 1, cpus_per_worker: 0.5, shard_size: 24}}
 
     # the curriculum: two stages, the second starting from (and referenced to) the first
     align = run_dir / "align" / keys["align"]
-    train = align / "train"
-    stage_dirs = sorted(p.name for p in train.iterdir() if p.is_dir())
-    assert any("first" in n for n in stage_dirs) and any("second" in n for n in stage_dirs)
+    plan = json.loads((align / "train" / "plan.json").read_text())
+    st = plan["stages"]
+    assert [(x["name"], x["loss"], x["reference"]) for x in st] == [("first", "sdpo", "initial"),
+                                                                     ("second", "dsdpo", "initial")]
+    assert st[1]["dsdpo"]["distance"] == "dp" and st[1]["dsdpo"]["mapping"] == "linear"
+    assert (align / "train" / "stages" / "first").is_dir() and (align / "train" / "stages" / "second").is_dir()
     assert (align / "adapter" / "adapter_config.json").exists()
-    assert np.isfinite(out["align"]["final_metrics"].get("train_loss", out["align"]["final_metrics"].get("loss", 0)))
+    rows = [json.loads(line) for line in (align / "train" / "metrics.jsonl").read_text().splitlines() if line]
+    assert {0, 1} <= {r.get("stage_index") for r in rows}  # both stages trained and logged
+    losses = [v for r in rows for k, v in r.items() if "loss" in k and isinstance(v, (int, float))]
+    assert losses and np.isfinite(losses).all()
 
-    # greedy prediction: free text, one per user
-    preds = list((run_dir / "predict" / keys["predict"]).glob("*.json"))
-    assert preds
+    # greedy prediction: free text, one per user of the limit
+    preds = json.loads((run_dir / "predict" / keys["predict"] / "predictions" / "predictions.json").read_text())
+    assert len(preds) == 8 and all("prediction" in p for p in preds)
     metrics = out["evaluate"]["metrics"]
     assert set(metrics) == {"5"} and 0.0 <= metrics["5"]["NDCG"] <= 1.0

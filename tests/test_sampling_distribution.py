@@ -13,6 +13,8 @@ import torch
 from raydpo.generation.candidates import CandidateGenerator, DecodeConfig
 from raydpo.prompt import render_prompt
 
+pytestmark = pytest.mark.slow  # 3000 draws per setting
+
 
 def _truncated(logits: torch.Tensor, allowed: list[int], temperature: float, top_k: int, top_p: float) -> dict:
     """Probabilities of the ``allowed`` tokens after temperature, top-k and top-p, by hand."""

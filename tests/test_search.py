@@ -332,3 +332,41 @@ def test_search_significance_against_baseline_and_report(ray_local, base_config,
     assert main(["report", str(run_dir)]) == 0
     run_table = pd.read_csv(run_dir / "report.csv")
     assert run_table["NDCG@10_ci_low"].notna().all() and (run_table["NDCG@10_ci_low"] <= run_table["NDCG@10"]).all()
+
+
+def _per_user(seed: int, n: int = 60, hit_rate: float = 0.3):
+    """Synthetic per-user results of one seed: the same users and targets, random top-10 lists
+    that contain the target (at a random rank) with probability ``hit_rate``."""
+    from raydpo.evaluation.stats import PerUser
+
+    rng = np.random.default_rng(seed)
+    targets = np.arange(n) % 40
+    topk = np.array([[x for x in np.argsort(rng.random(40)) if x != t][:10] for t in targets])  # no hit
+    hit = rng.random(n) < hit_rate
+    topk[hit, rng.integers(0, 10, n)[hit]] = targets[hit]  # planted hits
+    ranks = np.where((topk == targets[:, None]).any(1), (topk == targets[:, None]).argmax(1), -1)
+    return PerUser(np.arange(n), targets, topk, ranks, np.zeros(n, bool), [np.array([1, 2])] * n, np.eye(40)[:, :4],
+                   (5, 10))
+
+
+def test_seed_pooled_intervals_and_paired_differences():
+    """Several seeds: the interval brackets the seed-averaged metric; identical sides differ by
+    exactly 0 with p = 1; a planted large difference is significant; one seed matches the stats API."""
+    from raydpo.evaluation.stats import metrics_from_per_user, paired_comparison
+    from raydpo.tuning.uncertainty import paired_difference, user_intervals
+
+    a = [_per_user(1), _per_user(2)]
+    b = [_per_user(3, hit_rate=0.0), _per_user(4, hit_rate=0.0)]
+    a_big = [_per_user(1, n=300), _per_user(2, n=300)]
+    b_big = [_per_user(3, n=300, hit_rate=0.0), _per_user(4, n=300, hit_rate=0.0)]
+    iv = user_intervals(a, n_resamples=500)
+    mean = np.mean([metrics_from_per_user(p)[10]["NDCG"] for p in a])
+    assert iv["NDCG@10"][0] < mean < iv["NDCG@10"][1]
+    same = paired_difference(a, a, ["NDCG@10", "ORRatio@10"], n_resamples=500)
+    assert same["NDCG@10"]["diff"] == 0 and same["NDCG@10"]["p_value"] == 1.0
+    planted = paired_difference(a_big, b_big, ["NDCG@10", "HR@10"], n_resamples=500)
+    assert planted["HR@10"]["diff"] > 0.2 and planted["HR@10"]["p_value"] < 0.01
+    assert planted["HR@10"]["diff_ci_low"] > 0
+    one = paired_difference(a[:1], b[:1], ["NDCG@10"], n_resamples=500)
+    ref = paired_comparison(a[0], b[0], n_resamples=500, seed=0, metrics=["NDCG"])[10]["NDCG"]
+    assert one["NDCG@10"] == pytest.approx(ref)

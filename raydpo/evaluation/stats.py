@@ -275,6 +275,22 @@ class PerUser:
                             field="protocol")
 
 
+def _one_thread():
+    """BLAS and OpenMP (torch) limited to one thread: the products here are small, and on a busy
+    machine a multi-threaded call waits for its threads to be scheduled (2-8x slower measured on
+    2 shared cores, docs/benchmarks.md)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        import torch  # noqa: F401  (its OpenMP runtime must be loaded when the libraries are listed)
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()  # listing the libraries costs ms: once per process
+    return _CONTROLLER.limit(limits=1)
+
+
+_CONTROLLER = None
+
+
 def _check_ks(table: PerUser, ks: Sequence[int] | None) -> list[int]:
     if ks is None:
         return list(table.ks)
@@ -331,10 +347,11 @@ def metrics_from_per_user(table: PerUser, ks: Sequence[int] | None = None,
     flat = np.concatenate(hist) if hist else np.zeros(0, dtype=np.int64)
     gh = np.bincount(flat, minlength=table.n_items).astype(np.float64) @ table.genre_weights
     gh_t = torch.from_numpy(gh)
-    return compute_metrics(
-        torch.from_numpy(table.topk[idx]), torch.from_numpy(table.ranks[idx]), torch.from_numpy(table.targets[idx]),
-        torch.from_numpy(table.genre_weights), gh_t, torch.from_numpy(table.not_in[idx]), ks,
-        Protocol.named(table.protocol), history_genre_mass_valid=gh_t)
+    with _one_thread():
+        return compute_metrics(
+            torch.from_numpy(table.topk[idx]), torch.from_numpy(table.ranks[idx]),
+            torch.from_numpy(table.targets[idx]), torch.from_numpy(table.genre_weights), gh_t,
+            torch.from_numpy(table.not_in[idx]), ks, Protocol.named(table.protocol), history_genre_mass_valid=gh_t)
 
 
 # --- vectorised metrics over many weightings of the users ------------------------------------------
@@ -560,10 +577,15 @@ def bootstrap_intervals(per_user: PerUser, ks: Sequence[int] | None = None, n_re
     return _intervals_and_diffs({"_": per_user}, None, ks, n_resamples, confidence, method, seed, metrics)[0]["_"]
 
 
-def _intervals_and_diffs(named: dict[str, PerUser], baseline: str | None, ks, n_resamples: int, confidence: float,
-                         method: str, seed: int, metrics, test: str = "bootstrap"):
+def _intervals_and_diffs(*args, **kw):
     """Intervals of every table, and (with ``baseline``) each table's paired difference to it, all
     on the same bootstrap resamples of the users (one pass per table)."""
+    with _one_thread():
+        return _intervals_and_diffs_impl(*args, **kw)
+
+
+def _intervals_and_diffs_impl(named: dict[str, PerUser], baseline: str | None, ks, n_resamples: int,
+                              confidence: float, method: str, seed: int, metrics, test: str = "bootstrap"):
     _check_resampling(n_resamples, confidence, method)
     tables = list(named.values())
     first = tables[0]

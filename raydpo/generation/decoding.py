@@ -274,7 +274,8 @@ def beam_search(
     b = n_prompts
     score = fin_score.view(b, nb)
     if grouped:  # transformers 4: sorted(all groups' hypotheses).pop(), so ties go to the later group
-        order = nb - 1 - torch.sort(score.flip(1), dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
+        flipped = torch.sort(score.flip(1), dim=1, descending=True, stable=True).indices
+        order = nb - 1 - flipped[:, :num_return_sequences]
     else:
         order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_return_sequences]
     seqs = fin_seq.view(b, nb, max_new_tokens).gather(1, order[:, :, None].expand(-1, -1, max_new_tokens))
@@ -420,7 +421,8 @@ class _SparseCandidates:
         scores = (scores + self.run_score[beams][:, None]).view(len(prompts), gs * vocab)
         top_lp, idx = torch.topk(scores, self.keep, dim=1, largest=True, sorted=True)
         src, tok = idx // vocab, idx % vocab
-        raw = logp.view(len(prompts), gs * vocab).gather(1, idx) + self.run_raw[beams].view(len(prompts), gs).gather(1, src)
+        raw = (logp.view(len(prompts), gs * vocab).gather(1, idx)
+               + self.run_raw[beams].view(len(prompts), gs).gather(1, src))
         return top_lp, tok, src, raw
 
 

@@ -16,8 +16,8 @@ trial's metrics, and paired significance tests between trials.
   both sides and for every seed), two-sided p-value, Holm-corrected over the comparisons of a
   family (:func:`raydpo.evaluation.stats.holm`).
 
-One seed goes straight to :mod:`raydpo.evaluation.stats` (vectorised); several seeds are resampled
-here user by user (``metrics_from_per_user`` per resample: slower, so fewer resamples).
+One seed goes straight to :mod:`raydpo.evaluation.stats`; several seeds use its vectorised
+weighting machinery with the same user resamples for every seed and both sides.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ SEED_FIELDS = ("sampling.seed", "alignment.seed")
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 SEED_CI_LOW, SEED_CI_HIGH, SEED_SD = "_seed_ci_low", "_seed_ci_high", "_seed_sd"
 SUFFIXES = (CI_LOW, CI_HIGH, SEED_CI_LOW, SEED_CI_HIGH, SEED_SD)
-# resamples of the user-by-user bootstrap used for several seeds (one seed: the space's n_resamples)
-POOLED_RESAMPLES = 1000
 
 
 def seed_overrides(cfg, repeat: int) -> dict[str, int]:
@@ -91,17 +89,6 @@ def _flat(nested: dict) -> dict[str, Any]:
     return {f"{name}@{k}": v for k, m in nested.items() for name, v in m.items()}
 
 
-def _mean_metrics(pus: Sequence, users: np.ndarray | None) -> dict[str, float]:
-    from ..evaluation.stats import metrics_from_per_user
-
-    flat = [{k: v for k, v in _flat(metrics_from_per_user(pu, users=users)).items() if _number(v)} for pu in pus]
-    return {k: float(np.mean([f[k] for f in flat])) for k in flat[0]}
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def _check_same_users(groups: Sequence[Sequence]) -> None:
     first = groups[0][0]
     for g in groups:
@@ -109,52 +96,74 @@ def _check_same_users(groups: Sequence[Sequence]) -> None:
             first.check_paired(pu, ("seed 0", "another seed or trial"))
 
 
+def _seed_averaged(groups: Sequence[Sequence], metrics: Sequence[str], n_resamples: int, seed: int):
+    """For each group (the seeds of one configuration): the exact seed-averaged metrics and their
+    bootstrap distribution, every table resampled with the same user counts (users are the unit:
+    a user drawn twice counts twice in every seed and in both configurations). Vectorised with
+    the weighting machinery of :mod:`raydpo.evaluation.stats`."""
+    from ..evaluation import stats as st
+
+    _check_same_users(groups)
+    tables = [t for g in groups for t in g]
+    ks = list(tables[0].ks)
+    items = st._union_items(tables, ks)
+    preps = [st._Prepared(t, ks, items, metrics) for t in tables]
+    n = len(tables[0])
+    batch = st._batch_size(n, len(items) * len(ks) if preps[0].population else 1)
+    dists = st._collect(preps, st._resample_batches(n, int(n_resamples), seed, batch))
+    exact = [st.metrics_from_per_user(t, ks) for t in tables]
+    out, i = [], 0
+    for g in groups:
+        j = i + len(g)
+        dist = {f"{m}@{k}": np.mean([dists[x][k][m] for x in range(i, j)], axis=0) for k in ks for m in metrics}
+        point = {f"{m}@{k}": float(np.mean([exact[x][k][m] for x in range(i, j)])) for k in ks for m in metrics}
+        out.append((point, dist))
+        i = j
+    return out
+
+
+def _metric_names(metrics: Sequence[str] | None) -> list[str]:
+    from ..evaluation.metrics import METRIC_NAMES
+
+    return sorted({m.partition("@")[0] for m in metrics}) if metrics else list(METRIC_NAMES)
+
+
 def user_intervals(pus: Sequence, confidence: float = 0.95, n_resamples: int = 2000,
                    seed: int = 0) -> dict[str, tuple[float, float]]:
     """``{"NDCG@10": (low, high), ...}``: bootstrap interval over users of each metric averaged over
     the seeds ``pus`` (per-user results of the same users)."""
-    from ..evaluation.stats import bootstrap_intervals
+    from ..evaluation import stats as st
 
     if len(pus) == 1:
-        res = bootstrap_intervals(pus[0], n_resamples=n_resamples, confidence=confidence, seed=seed)
+        res = st.bootstrap_intervals(pus[0], n_resamples=n_resamples, confidence=confidence, seed=seed)
         return {f"{name}@{k}": (d["ci_low"], d["ci_high"]) for k, m in res.items() for name, d in m.items()}
-    _check_same_users([pus])
-    rng = np.random.default_rng(seed)
-    n = len(pus[0])
-    draws = [_mean_metrics(pus, rng.integers(0, n, n)) for _ in range(min(n_resamples, POOLED_RESAMPLES))]
+    ((point, dist),) = _seed_averaged([pus], _metric_names(None), n_resamples, seed)
     alpha = (1 - confidence) / 2
-    return {k: (float(np.quantile([d[k] for d in draws], alpha)), float(np.quantile([d[k] for d in draws], 1 - alpha)))
-            for k in draws[0]}
+    return {m: st._interval(dist[m], point[m], alpha, "percentile", None, center=m.split("@")[0] in st.DISTINCT_METRICS)
+            for m in point}
 
 
 def paired_difference(a: Sequence, b: Sequence, metrics: Sequence[str], confidence: float = 0.95,
                       n_resamples: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
     """``{"NDCG@10": {diff, diff_ci_low, diff_ci_high, p_value}}``: the seed-averaged metric of
-    ``a`` minus that of ``b`` on the same users, paired bootstrap over users, two-sided p."""
-    from ..evaluation.stats import paired_comparison
+    ``a`` minus that of ``b`` on the same users, paired bootstrap over users, two-sided p (the
+    p-value and interval rules of :func:`raydpo.evaluation.stats.paired_comparison`)."""
+    from ..evaluation import stats as st
 
-    wanted = {m.partition("@")[0] for m in metrics}
+    names = _metric_names(metrics)
     if len(a) == 1 and len(b) == 1:
-        res = _flat(paired_comparison(a[0], b[0], n_resamples=n_resamples, confidence=confidence, seed=seed,
-                                      metrics=sorted(wanted)))
+        res = _flat(st.paired_comparison(a[0], b[0], n_resamples=n_resamples, confidence=confidence, seed=seed,
+                                         metrics=names))
         return {m: dict(res[m]) for m in metrics}
-    _check_same_users([a, b])
-    rng = np.random.default_rng(seed)
-    n = len(a[0])
-    ma, mb = _mean_metrics(a, None), _mean_metrics(b, None)
-    draws = []
-    for _ in range(min(n_resamples, POOLED_RESAMPLES)):
-        users = rng.integers(0, n, n)
-        da, db = _mean_metrics(a, users), _mean_metrics(b, users)
-        draws.append({m: da[m] - db[m] for m in metrics})
+    (pa, da), (pb, db) = _seed_averaged([a, b], names, n_resamples, seed)
     alpha = (1 - confidence) / 2
     out = {}
     for m in metrics:
-        d = np.array([x[m] for x in draws])
-        diff = ma[m] - mb[m]
-        p = 1.0 if np.all(d == 0) and diff == 0 else min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
-        out[m] = {"diff": diff, "diff_ci_low": float(np.quantile(d, alpha)),
-                  "diff_ci_high": float(np.quantile(d, 1 - alpha)), "p_value": p}
+        distinct = m.split("@")[0] in st.DISTINCT_METRICS
+        diff_b, d = da[m] - db[m], pa[m] - pb[m]
+        lo, hi = st._interval(diff_b, d, alpha, "percentile", None, center=distinct)
+        p = 1.0 if d == 0 and np.all(diff_b == 0) else st._bootstrap_p(diff_b, d, distinct)
+        out[m] = {"diff": d, "diff_ci_low": lo, "diff_ci_high": hi, "p_value": p}
     return out
 
 
