@@ -63,24 +63,25 @@ step selfplay .venv/bin/raydpo run "$config" "${args[@]}"
 step clusterout_low .venv/bin/raydpo run "$config" "${args[@]}" --set sampling.strategy=clusterout_low
 
 # the SFT-only row: the SFT adapter of this run, decoded exactly as the pipeline's predict stage
-read -r -a sft_args < <($py - "$run_dir" <<'EOF'
-import json, sys
+read -r -a sft_args < <($py - "$config" "${sets[@]}" <<'EOF'
+import sys
 from pathlib import Path
-run = Path(sys.argv[1]).resolve()
-last = json.loads((run / "last_run.json").read_text())
-keys, c = last["keys"], last["config"]
-m, p = c["model"], c["prediction"]
-quant = m["quantization"] if m["quantize_inference"] else "none"
-args = ["--data", run / "data" / keys["data"] / "dataset", "--model", m["name_or_path"],
-        "--adapter", run / "sft" / keys["sft"] / "adapter", "--dtype", p["dtype"] or m["dtype"],
-        "--quantization", quant, "--batch-size", p["batch_size"], "--split", c["evaluation"]["split"],
-        "--shard-size", c["ray"]["shard_size"]]
+from raydpo.cli_args import parse_sets
+from raydpo.config import load_config
+from raydpo.pipeline import stage_keys
+c = load_config(sys.argv[1], parse_sets([sys.argv[2:]]))
+keys, run, m, p = stage_keys(c), Path(c.run_dir).resolve(), c.model, c.prediction
+quant = m.quantization if m.quantize_inference else "none"
+args = ["--data", run / "data" / keys["data"] / "dataset", "--model", m.name_or_path,
+        "--adapter", run / "sft" / keys["sft"] / "adapter", "--dtype", p.dtype or m.dtype,
+        "--quantization", quant, "--batch-size", p.batch_size, "--split", c.evaluation.split,
+        "--shard-size", c.ray.shard_size]
 if quant != "none":
-    args += ["--compute-dtype", m["compute_dtype"]]
-if p["mode"] == "constrained":
-    args += ["--constrained", "--beams", p["num_beams"]]
-if p["max_new_tokens"]:
-    args += ["--max-new-tokens", p["max_new_tokens"]]
+    args += ["--compute-dtype", m.compute_dtype]
+if p.mode == "constrained":
+    args += ["--constrained", "--beams", p.num_beams]
+if p.max_new_tokens:
+    args += ["--max-new-tokens", p.max_new_tokens]
 print(" ".join(str(a) for a in args))
 EOF
 )

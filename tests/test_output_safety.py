@@ -160,7 +160,7 @@ def test_file_where_a_folder_is_expected_and_below_a_file(tmp_path, capsys):
     assert f.read_text() == "mine"
 
 
-def test_metrics_file_rules(tmp_path, capsys):
+def test_metrics_file_rules(tmp_path, capsys, monkeypatch):
     """--json: checked before the evaluation runs; a user's file is never replaced; raydpo's own
     file only with --overwrite and only while unchanged."""
     require_shared()
@@ -168,14 +168,21 @@ def test_metrics_file_rules(tmp_path, capsys):
     shutil.copy(ORACLE_FILE, pred)
     folder = tmp_path / "afolder"
     folder.mkdir()
-    t0 = time.perf_counter()
+    import importlib
+
+    evaluate_mod = importlib.import_module("raydpo.evaluation.evaluate")
+
+    def no_evaluation(*a, **k):
+        raise AssertionError("the evaluation started before the output was checked")
+
+    monkeypatch.setattr(evaluate_mod, "catalog_embeddings", no_evaluation)
     assert main(["evaluate", str(pred), "--data", str(GOODREADS), "--json", str(folder), "-q"]) == 2
     assert "exists and is a folder; expected a file" in err_line(capsys)
     users = tmp_path / "users.json"
     users.write_text('{"mine": 1}')
     assert main(["evaluate", str(pred), "--data", str(GOODREADS), "--json", str(users / "m.json"), "-q"]) == 2
     assert "is a file, not a folder" in err_line(capsys)
-    assert time.perf_counter() - t0 < 5  # refused before any evaluation work (which takes longer)
+    monkeypatch.undo()  # the outputs were refused before any evaluation work
     assert main(["evaluate", str(pred), "--data", str(GOODREADS), "--json", str(users), "-q", "--overwrite"]) == 2
     assert "was not written by raydpo" in err_line(capsys)
     assert users.read_text() == '{"mine": 1}'

@@ -17,8 +17,6 @@ import pytest
 
 from conftest import GOODREADS, ROOT, require_shared
 
-pytestmark = pytest.mark.slow
-
 N_TRAIN, N_TEST = 4, 4
 
 
@@ -77,6 +75,34 @@ def _check_run(run_dir: Path, summaries: dict, strategy: str) -> dict:
     return stage
 
 
+def test_cpu_configs_load_and_their_size_fields_key_only_their_stages():
+    """The two shipped configs validate and differ only in the model; sft.max_rows,
+    alignment.max_rows and prediction.dtype change the keys of their own stage and downstream only,
+    and leave earlier runs' keys unchanged while unset."""
+    from raydpo.config import load_config, with_overrides
+    from raydpo.pipeline import STAGES, stage_keys, stage_params
+
+    lora = load_config(ROOT / "configs" / "goodreads_smollm2_cpu.yaml")
+    nf4 = load_config(ROOT / "configs" / "goodreads_smollm2_cpu_nf4.yaml")
+    assert (lora.model.quantization, nf4.model.quantization) == ("none", "nf4")
+    assert not nf4.model.quantize_inference  # decodes on the unquantised base, as published
+    for section in ("sft", "generation", "sampling", "alignment", "prediction", "evaluation", "ray"):
+        assert getattr(lora, section) == getattr(nf4, section), section
+    assert lora.prediction.mode == "constrained" and lora.prediction.limit is None  # all test users
+    base = stage_keys(lora)
+    for field, value, first in (("sft.max_rows", 3, "sft"), ("alignment.max_rows", 3, "align"),
+                                ("prediction.dtype", "float32", "predict")):
+        changed = stage_keys(with_overrides(lora, {field: value}))
+        i = STAGES.index(first)
+        assert all(changed[s] == base[s] for s in STAGES[:i]), field
+        assert all(changed[s] != base[s] for s in STAGES[i:]), field
+    unset = with_overrides(lora, {"sft.max_rows": None, "alignment.max_rows": None, "prediction.dtype": None})
+    params = {s: stage_params(unset, s) for s in STAGES}
+    assert "max_rows" not in params["sft"]["sft"] and "max_rows" not in params["align"]["alignment"]
+    assert "dtype" not in params["predict"]["prediction"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["goodreads_smollm2_cpu.yaml", "goodreads_smollm2_cpu_nf4.yaml"])
 def test_shipped_cpu_config_end_to_end_on_a_handful_of_users(ray_local, tmp_path, config):
     require_shared()

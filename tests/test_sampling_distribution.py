@@ -6,6 +6,8 @@ top k, cut to the smallest top set of mass >= top_p (transformers' order: constr
 temperature, top-k, top-p) and renormalised; an item's probability is the product along its
 path. Many seeded draws of raydpo's sampler must match it in total-variation distance."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_top_k_top_p_sampling_matches_the_truncated_distribution(synthetic_small
                                                                   temperature):
     ds, _ = synthetic_small
     model, tok = tiny_model
-    model.eval()
+    model = copy.deepcopy(model).float().eval()  # fp32: the enumeration and the sampler see one model
     history = list(ds.split("test").frame["history_titles"].iloc[0])
     prompt = render_prompt(tok, history, ds.instruction)
     cfg = DecodeConfig(mode="sample", num_return_sequences=500, top_k=top_k, top_p=top_p,

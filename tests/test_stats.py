@@ -427,3 +427,34 @@ def test_compare_finds_run_and_search_folders(tmp_path, capsys):
     (run / "evaluate" / "bbb" / "per_user.parquet").unlink()
     assert main(["compare", str(search)]) == 2
     assert "per-user results are missing" in capsys.readouterr().err
+
+
+def test_the_pipeline_evaluate_stage_writes_per_user_results(synthetic_small, tmp_path):
+    """run_evaluate (the stage itself, on predictions already made) writes per_user.parquet next
+    to metrics.json, and the file gives back metrics.json exactly."""
+    from raydpo.config import load_config, with_overrides
+    from raydpo.evaluation.stats import PER_USER_FILE
+    from raydpo.pipeline import Context, run_evaluate, stage_keys
+
+    ds, data_dir = synthetic_small
+    split = ds.split("valid").frame
+    rows = [{"prompt": "".join(f'"{t}" ' for t in h), "prediction": f'"{title}"', "ground_truth": f'"{title}"'}
+            for h, title in zip(split["history_titles"], split["target_title"])]
+    rows[1]["prediction"] = '"not a title"'
+    predict = tmp_path / "predict"
+    (predict / "predictions").mkdir(parents=True)
+    (predict / "predictions" / "predictions.json").write_text(json.dumps(rows))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset").symlink_to(data_dir)
+    cfg = with_overrides(load_config(), {"evaluation.split": "valid", "prediction.limit": 0})
+    out = tmp_path / "evaluate"
+    out.mkdir()
+    ctx = Context(cfg, tmp_path, stage_keys(cfg), outputs={"data": tmp_path / "data", "predict": predict},
+                  progress=False)
+    summary = run_evaluate(ctx, out)
+    saved = json.loads((out / "metrics.json").read_text())
+    table = PerUser.read(out / PER_USER_FILE)
+    assert len(table) == len(rows) and table.meta["split"] == "valid"
+    again = metrics_from_per_user(table)
+    assert {k: {m: again[int(k)][m] for m in v} for k, v in saved.items()} == saved == summary["metrics"]
+    assert saved["10"]["HR"] > 0.5 and saved["10"]["Predict_NotIn_Ratio"] == pytest.approx(1 / len(rows))
