@@ -53,7 +53,7 @@ ray: {{num_workers: 1, cpus_per_worker: 0.5, shard_size: 24}}
     # target excluded
     from raydpo.generation.distributed import read_candidates
 
-    cands = read_candidates(run_dir / "generate" / keys["generate"])
+    cands = read_candidates(run_dir / "generate" / keys["generate"] / "candidates")
     assert len(cands) == 24 and all(0 < len(c) <= 3 for c in cands["candidate_item_ids"])
     assert all(i >= 0 for c in cands["candidate_item_ids"] for i in c)
     gen_cfg = json.loads((run_dir / "generate" / keys["generate"] / "config.json").read_text())
