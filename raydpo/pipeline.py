@@ -50,30 +50,29 @@ def stage_params(cfg: PipelineConfig, stage: str) -> dict:
     c = cfg
     if stage == "data":  # where missing data is fetched from does not change it (checksums)
         d = c.data.model_dump(exclude={"fetch", "fetch_url"})
-        for f in ("valid_fraction", "test_fraction"):  # added later: at their defaults, earlier keys stay valid
-            if d["synthetic"][f] == type(c.data.synthetic).model_fields[f].default:
-                del d["synthetic"][f]
-        return d
+        return {**d, "synthetic": _defaults_dropped(c.data.synthetic, "valid_fraction", "test_fraction")}
     if stage == "sft":
-        return {"model": c.model.model_dump(), "sft": _unset_dropped(c.sft.model_dump(), "max_rows"),
+        return {"model": c.model.model_dump(), "sft": _defaults_dropped(c.sft, "max_rows"),
                 "deepspeed": c.ray.deepspeed}
     if stage == "generate":
         return c.generation.model_dump()
     if stage == "sample":
         return {"sampling": c.sampling.model_dump(), "datasets": preference_sets(c)}
     if stage == "align":
-        return {"alignment": _unset_dropped(c.alignment.model_dump(), "max_rows"), "sampling": c.sampling.model_dump(),
+        return {"alignment": _defaults_dropped(c.alignment, "max_rows"), "sampling": c.sampling.model_dump(),
                 "deepspeed": c.ray.deepspeed}
     if stage == "predict":
-        return {"prediction": _unset_dropped(c.prediction.model_dump(), "dtype"), "split": c.evaluation.split}
+        return {"prediction": _defaults_dropped(c.prediction, "dtype"), "split": c.evaluation.split}
     if stage == "evaluate":
         return c.evaluation.model_dump()
     raise RaydpoError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
 
 
-def _unset_dropped(params: dict, *fields: str) -> dict:
-    """Fields added later leave the keys of earlier runs unchanged while they are unset (None)."""
-    return {k: v for k, v in params.items() if not (k in fields and v is None)}
+def _defaults_dropped(section, *fields: str) -> dict:
+    """``section`` dumped without ``fields`` that are at their declared defaults: fields added
+    later leave the stage keys of earlier runs unchanged until a config sets them."""
+    defaults = type(section).model_fields
+    return {k: v for k, v in section.model_dump().items() if not (k in fields and v == defaults[k].default)}
 
 
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
