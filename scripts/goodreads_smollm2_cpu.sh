@@ -69,8 +69,9 @@ from pathlib import Path
 from raydpo.cli_args import parse_sets
 from raydpo.config import load_config
 from raydpo.pipeline import stage_keys
-c = load_config(sys.argv[1], parse_sets([sys.argv[2:]]))
-keys, run, m, p = stage_keys(c), Path(c.run_dir).resolve(), c.model, c.prediction
+from raydpo.storage import resolve_config
+c = resolve_config(load_config(sys.argv[1], parse_sets([sys.argv[2:]])))  # as raydpo run keys it
+keys, run, m, p = stage_keys(c), Path(c.run_dir), c.model, c.prediction
 quant = m.quantization if m.quantize_inference else "none"
 args = ["--data", run / "data" / keys["data"] / "dataset", "--model", m.name_or_path,
         "--adapter", run / "sft" / keys["sft"] / "adapter", "--dtype", p.dtype or m.dtype,

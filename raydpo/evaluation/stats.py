@@ -729,7 +729,8 @@ def paired_comparison(a: PerUser, b: PerUser, ks: Sequence[int] | None = None, n
 # seed and both sides, each metric averaged over the seeds
 
 
-def _flat(nested: dict) -> dict[str, Any]:
+def flatten_metrics(nested: dict) -> dict[str, Any]:
+    """``{k: {name: v}}`` -> ``{"name@k": v}`` (the flat names of trial results and tables)."""
     return {f"{name}@{k}": v for k, m in nested.items() for name, v in m.items()}
 
 
@@ -788,7 +789,7 @@ def paired_difference(a: Sequence, b: Sequence, metrics: Sequence[str], confiden
     p-value and interval rules of :func:`paired_comparison`)."""
     names = _metric_names(metrics)
     if len(a) == 1 and len(b) == 1:
-        res = _flat(paired_comparison(a[0], b[0], n_resamples=n_resamples, confidence=confidence, seed=seed,
+        res = flatten_metrics(paired_comparison(a[0], b[0], n_resamples=n_resamples, confidence=confidence, seed=seed,
                                          metrics=names))
         return {m: dict(res[m]) for m in metrics}
     (pa, da), (pb, db) = _seed_averaged([a, b], names, n_resamples, seed)

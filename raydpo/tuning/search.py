@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import (ConfigError, PipelineConfig, SafeName, _format_errors, check_field_path, load_config,
                       read_config_mapping, with_overrides)
+from ..evaluation.stats import flatten_metrics
 from ..io import write_json, write_text
 from .pareto import pareto_front, plot_front
 from .significance import KEYS_COLUMN
@@ -248,10 +249,6 @@ def _sampler(space: SearchSpace):
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=space.seed)
     return optuna.samplers.TPESampler(seed=space.seed, multivariate=True)
-
-
-def flatten_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"{name}@{k}": v for k, m in metrics.items() for name, v in m.items()}
 
 
 def check_trial_resources(space: SearchSpace, cfg: PipelineConfig, source: str) -> None:
