@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PipelineConfig
+from .config import PipelineConfig, with_overrides
 from .errors import RaydpoError
 from .io import file_lock, read_json, write_json
 from .stages import preference_file, preference_sets  # noqa: F401 - preference_file: for importers
@@ -76,6 +76,10 @@ def _defaults_dropped(section, *fields: str) -> dict:
 
 
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """The cache key of every stage. The config is validated again first, so that a copy made
+    with ``model_copy(update=...)`` (no validation: ``epochs=1`` stays an int) keys like the
+    validated config that ``run_pipeline`` runs (``epochs`` 1.0)."""
+    cfg = with_overrides(cfg, {}, source="<stage keys>")
     keys: dict[str, str] = {}
     for stage in STAGES:
         payload = {"stage": stage, "params": stage_params(cfg, stage), "deps": [keys[d] for d in DEPENDS[stage]]}

@@ -41,6 +41,19 @@ def _mtimes(run_dir: Path, keys: dict) -> dict:
     return {s: (run_dir / s / keys[s] / "_SUCCESS").stat().st_mtime_ns for s in STAGES}
 
 
+def test_stage_keys_of_an_unvalidated_copy_match_the_validated_config(config_path):
+    """model_copy(update=...) skips validation (epochs=1 stays an int); the keys must still be
+    those of the validated config that run_pipeline runs, or a cached stage is looked up under
+    another key."""
+    cfg = load_config(config_path)
+    copied = cfg.model_copy(update={"alignment": cfg.alignment.model_copy(update={"epochs": 1}),
+                                    "sft": cfg.sft.model_copy(update={"epochs": 2})})
+    assert type(copied.alignment.epochs) is int
+    validated = with_overrides(cfg, {"alignment.epochs": 1, "sft.epochs": 2})
+    assert type(validated.alignment.epochs) is float
+    assert stage_keys(copied) == stage_keys(validated)
+
+
 def test_run_cache_partial_rerun_and_from(ray_local, config_path, capsys):
     cfg = load_config(config_path)
     run_dir = Path(cfg.run_dir)
