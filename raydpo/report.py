@@ -51,14 +51,10 @@ def collect_run(run_dir: Path) -> pd.DataFrame:
         # the matching align stage config
         cfg = _chain_config(run_dir, summary.get("key"))
         row = {"method": _method_label(cfg) if cfg else done.parent.name, "split": cfg.get("split", "")}
-        for k, m in metrics.items():
-            for name, v in m.items():
-                row[f"{name}@{k}"] = v
-        from .evaluation.stats import PER_USER_FILE
+        from .evaluation.stats import PER_USER_FILE, PerUser, flatten_metrics
 
+        row.update(flatten_metrics(metrics))
         if (done.parent / PER_USER_FILE).exists():
-            from .evaluation.stats import PerUser
-
             row.update(interval_row(PerUser.read(done.parent / PER_USER_FILE)))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -10,6 +10,7 @@ import pytest
 
 from raydpo.config import load_config
 from raydpo.pipeline import run_pipeline, stage_keys
+from raydpo.storage import resolve_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -44,9 +45,7 @@ ray: {{num_workers: 1, cpus_per_worker: 0.5, shard_size: 24}}
     assert (cfg.sft.full_finetune, cfg.generation.mode, cfg.prediction.mode) == (False, "diverse_beam", "greedy")
     assert cfg.generation.num_beams is None and cfg.alignment.dsdpo.mapping == "linear"  # dp: the research code's
     out = run_pipeline(cfg, progress=False)
-    # the keys of the config as run_pipeline resolves it (absolute paths, re-validated values)
-    from raydpo.storage import resolve_config
-
+    # the keys of the config as run_pipeline resolves it (absolute paths)
     run_dir, keys = Path(cfg.run_dir), stage_keys(resolve_config(cfg))
 
     # LoRA SFT: the stage publishes an adapter, not a full model

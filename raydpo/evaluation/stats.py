@@ -725,13 +725,13 @@ def paired_comparison(a: PerUser, b: PerUser, ks: Sequence[int] | None = None, n
     return diffs["a"]
 
 
-# ---- several seeds per configuration (a search's ``repeats``): the same user resamples for every
-# seed and both sides, each metric averaged over the seeds
-
-
 def flatten_metrics(nested: dict) -> dict[str, Any]:
     """``{k: {name: v}}`` -> ``{"name@k": v}`` (the flat names of trial results and tables)."""
     return {f"{name}@{k}": v for k, m in nested.items() for name, v in m.items()}
+
+
+# ---- several seeds per configuration (a search's ``repeats``): the same user resamples for every
+# seed and both sides, each metric averaged over the seeds
 
 
 def _check_same_users(groups: Sequence[Sequence]) -> None:
@@ -802,7 +802,6 @@ def paired_difference(a: Sequence, b: Sequence, metrics: Sequence[str], confiden
         p = 1.0 if d == 0 and np.all(diff_b == 0) else _bootstrap_p(diff_b, d, distinct)
         out[m] = {"diff": d, "diff_ci_low": lo, "diff_ci_high": hi, "p_value": p}
     return out
-
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
